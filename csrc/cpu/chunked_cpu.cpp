@@ -1,0 +1,187 @@
+// The fast CPU path of decay_attn: the chunked method fused into one pass per
+// (batch, head). Each chunk of C tokens costs four small GEMMs on cache-resident
+// tiles (Q K^T, (A * D) V, Q S, K^T V) and the state never leaves the thread.
+// Inputs are read in place when their last dim is contiguous (permuted views of a
+// fused qkv projection included); anything else is copied once.
+#include "../decay_attn.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// The BLAS that torch's CPU build carries (MKL on x86-64). Weak, so that a torch
+// without it still loads this library and takes the slower at::addmm path.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace leet {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kCpuChunk = 64;
+
+template <typename T>
+struct Blas;
+template <>
+struct Blas<float> {
+  static constexpr auto* fn = &sgemm_;
+};
+template <>
+struct Blas<double> {
+  static constexpr auto* fn = &dgemm_;
+};
+
+// Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C (C is m x n, ldc == n
+// or more). BLAS is column-major, so it is asked for C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (Blas<T>::fn != nullptr) {
+    const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    (*Blas<T>::fn)(&tb, &ta, &ni, &mi, &ki, &alpha, B, &ldbi, A, &ldai, &beta, C, &ldci);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
+    return trans ? t.t() : t;
+  };
+  view(C, m, n, ldc, false).addmm_(view(A, m, k, lda, trans_a), view(B, k, n, ldb, trans_b), beta, alpha);
+}
+
+// A [B, H, T, D] view that GEMM can read in place: unit stride in D, rows of at least D.
+Tensor gemm_ready(const Tensor& x, at::ScalarType dt) {
+  auto y = x.to(dt);
+  const bool rows_ok = y.size(2) == 1 || y.stride(2) >= y.size(3);
+  return (y.stride(3) == 1 && rows_ok) ? y : y.contiguous();
+}
+
+int64_t row_stride(const Tensor& x) { return x.size(2) == 1 ? x.size(3) : x.stride(2); }
+
+template <typename T>
+void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_decay,
+                    const Tensor& s0, double scale_d, Tensor& out, Tensor& state) {
+  const int64_t B = q.size(0), H = q.size(1), T_len = q.size(2), K = q.size(3), V = v.size(3);
+  const int64_t C = std::min(kCpuChunk, T_len);
+  const T scale = static_cast<T>(scale_d);
+  const double* a = log_decay.defined() ? log_decay.data_ptr<double>() : nullptr;
+  const bool per_head = log_decay.defined() && log_decay.dim() == 1;
+  const int64_t ldq = row_stride(q), ldk = row_stride(k), ldv = row_stride(v);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> attn(C * C), q_in(C * K), k_out(C * K), pow_table(C);
+    std::vector<double> L(C);  // cumulative log decay inside the chunk
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* Q = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
+      const T* Kp = k.data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
+      const T* Vp = v.data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
+      T* O = out.data_ptr<T>() + bh * T_len * V;
+      T* S = state.data_ptr<T>() + bh * K * V;
+      bool has_state = s0.defined();
+      if (has_state) std::copy_n(s0.data_ptr<T>() + bh * K * V, K * V, S);
+      else std::fill_n(S, K * V, T(0));
+      // A per-head decay makes D[i, j] a function of i - j alone.
+      if (per_head) {
+        for (int64_t d = 0; d < C; ++d) pow_table[d] = static_cast<T>(std::exp(a[h] * d));
+      }
+      for (int64_t start = 0; start < T_len; start += C) {
+        const int64_t c = std::min(C, T_len - start);
+        const T* Qc = Q + start * ldq;
+        const T* Kc = Kp + start * ldk;
+        const T* Vc = Vp + start * ldv;
+        T* Oc = O + start * V;
+        double run = 0;
+        for (int64_t i = 0; i < c; ++i) {
+          run += per_head ? a[h] : (a ? a[bh * T_len + start + i] : 0.0);
+          L[i] = per_head ? a[h] * (i + 1) : run;
+        }
+        // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i.
+        gemm<T>(false, true, c, c, K, scale, Qc, ldq, Kc, ldk, T(0), attn.data(), c);
+        for (int64_t i = 0; i < c; ++i) {
+          T* row = attn.data() + i * c;
+          if (per_head) {
+            for (int64_t j = 0; j <= i; ++j) row[j] *= pow_table[i - j];
+          } else if (a) {
+            for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(std::exp(L[i] - L[j]));
+          }
+          std::fill(row + i + 1, row + c, T(0));
+        }
+        gemm<T>(false, false, c, V, c, T(1), attn.data(), c, Vc, ldv, T(0), Oc, V);
+        // O += scale * exp(L_i) q_i S  (the state entering the chunk).
+        if (has_state) {
+          for (int64_t i = 0; i < c; ++i) {
+            const T g = scale * static_cast<T>(std::exp(L[i]));
+            for (int64_t x = 0; x < K; ++x) q_in[i * K + x] = Qc[i * ldq + x] * g;
+          }
+          gemm<T>(false, false, c, V, K, T(1), q_in.data(), K, S, V, T(1), Oc, V);
+        }
+        // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
+        const double L_end = L[c - 1];
+        if (has_state) {
+          const T g = static_cast<T>(std::exp(L_end));
+          for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
+        }
+        for (int64_t j = 0; j < c; ++j) {
+          const T g = static_cast<T>(std::exp(L_end - L[j]));
+          for (int64_t x = 0; x < K; ++x) k_out[j * K + x] = Kc[j * ldk + x] * g;
+        }
+        gemm<T>(true, false, K, V, c, T(1), k_out.data(), K, Vc, ldv, T(has_state ? 1 : 0), S, V);
+        has_state = true;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+    const std::optional<Tensor>& log_decay, double scale,
+    const std::optional<Tensor>& initial_state, bool output_final_state) {
+  const auto dt = compute_dtype(q_in, k_in, v_in);
+  auto q = gemm_ready(q_in, dt), k = gemm_ready(k_in, dt), v = gemm_ready(v_in, dt);
+  Tensor a = log_decay.has_value() ? log_decay->to(at::kDouble).contiguous() : Tensor();
+  Tensor s0 = initial_state.has_value() ? initial_state->to(dt).contiguous() : Tensor();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3);
+  auto out = at::empty({B, H, T, V}, q.options());
+  auto state = at::empty({B, H, K, V}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "decay_attn_chunked_cpu", [&] {
+    chunked_kernel<scalar_t>(q, k, v, a, s0, scale, out, state);
+  });
+  return {out.to(v_in.scalar_type()), output_final_state ? state : at::empty({0}, state.options())};
+}
+
+namespace {
+
+// CPU: the fused kernel for the chunked method (and "auto"); the generic ATen
+// methods for the rest and for empty problems.
+std::tuple<Tensor, Tensor> decay_attn_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
+    double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
+    const std::string& method) {
+  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method);
+  const bool fused = (method == "auto" || method == "chunked") && q.numel() > 0 && v.numel() > 0;
+  if (!fused) {
+    return decay_attn_generic(q, k, v, log_decay, scale, initial_state, output_final_state, method);
+  }
+  return decay_attn_chunked_cpu(q, k, v, log_decay, scale, initial_state, output_final_state);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(leet, CPU, m) { m.impl("decay_attn", &decay_attn_cpu); }
+
+}  // namespace leet

@@ -1,0 +1,32 @@
+// Shared declarations of the decay_attn implementations.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace leet {
+
+// Validates the arguments of decay_attn (same rules and messages as ops/validation.py).
+void check_decay_attn_inputs(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& initial_state, const std::string& method);
+
+// float64 for float64 inputs, float32 otherwise: the accumulation and state dtype.
+at::ScalarType compute_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+// The device-generic methods, written with ATen ops (any device).
+std::tuple<at::Tensor, at::Tensor> decay_attn_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    const std::string& method);
+
+// The fused CPU chunked kernel (float32 / float64 compute).
+std::tuple<at::Tensor, at::Tensor> decay_attn_chunked_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state, bool output_final_state);
+
+}  // namespace leet

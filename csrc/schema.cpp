@@ -1,0 +1,20 @@
+// The schema of every leet operator, defined once, in C++, so that a process
+// without Python (an AOTInductor C++ runner) finds it by loading this library.
+#include <torch/library.h>
+
+TORCH_LIBRARY(leet, m) {
+  // O = scale * ((Q K^T) * D) V with D[i, j] = exp(sum_{t=j+1..i} log_decay[t]) for j <= i.
+  // Returns (o, final_state); final_state is an empty tensor unless output_final_state.
+  m.def(
+      "decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay=None, float scale=1.0, "
+      "Tensor? initial_state=None, bool output_final_state=False, str method=\"auto\") "
+      "-> (Tensor, Tensor)");
+  // One decoding step: state = exp(log_decay) * state + k^T v; o = scale * q state.
+  m.def(
+      "decay_attn_step(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor state, "
+      "float scale=1.0) -> (Tensor, Tensor)");
+  // The same step, updating `state` in place (serving loops without allocation).
+  m.def(
+      "decay_attn_step_(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor(a!) state, "
+      "float scale=1.0) -> Tensor");
+}

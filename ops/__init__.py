@@ -1,0 +1,15 @@
+"""leet_compile.ops: the operator library and its Python registrations.
+
+Importing this package loads the compiled library (which defines the schemas of
+``torch.ops.leet.*`` and their CPU kernels) and registers the fake kernels,
+autograd and vmap rules. Nothing else happens at import time.
+"""
+from ._library import library_path, load_library
+
+load_library()
+
+from . import decay_attn as _decay_attn  # noqa: E402  (registrations)
+
+METHODS = _decay_attn.METHODS
+
+__all__ = ["METHODS", "library_path", "load_library"]

@@ -1,0 +1,174 @@
+"""Python registrations of ``torch.ops.leet.decay_attn``: argument checks for the
+fake (meta) path, the fake kernel, autograd and vmap.
+
+The schema and the CPU kernels live in csrc/; csrc/checks.cpp holds the same
+argument rules as :func:`check_inputs` below, with the same messages, so eager and
+traced calls fail alike.
+"""
+import torch
+
+METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def compute_dtype(q, k, v):
+    """float64 for float64 inputs, float32 otherwise: accumulation and state dtype."""
+    return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+
+
+def check_inputs(q, k, v, log_decay, initial_state, method):
+    """Raises ValueError / TypeError naming the bad argument (mirrors csrc/checks.cpp)."""
+    shapes = {"q": "[B, H, T, K]", "k": "[B, H, T, K]", "v": "[B, H, T, V]"}
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check_value(
+            t.dim() == 4,
+            lambda: f"decay_attn: {name} must be a 4-D tensor {shapes[name]}, got shape {list(t.shape)}",
+        )
+    for name, t in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state)):
+        if t is None:
+            continue
+        torch._check_type(
+            t.dtype in _FLOAT_DTYPES,
+            lambda: f"decay_attn: {name} must be a floating-point tensor "
+            f"(float32, float16, bfloat16 or float64), got {t.dtype}",
+        )
+        torch._check_value(
+            t.device == q.device,
+            lambda: f"decay_attn: all tensors must be on one device, but q is on {q.device} "
+            f"and {name} is on {t.device}",
+        )
+    B, H, T, K = q.shape
+    V = v.shape[3]
+    for name, t in (("k", k), ("v", v)):
+        torch._check_value(
+            t.shape[:3] == q.shape[:3],
+            lambda: f"decay_attn: {name} must have the same [B, H, T] as q {list(q.shape)}, got {list(t.shape)}",
+        )
+    torch._check_value(
+        k.shape[3] == K,
+        lambda: f"decay_attn: q and k must have the same head dim K, got q {list(q.shape)} and k {list(k.shape)}",
+    )
+    if log_decay is not None:
+        shape = list(log_decay.shape)
+        torch._check_value(
+            shape == [H] or shape == [B, H, T],
+            lambda: f"decay_attn: log_decay must have shape [H] = [{H}] or [B, H, T] = [{B}, {H}, {T}], got {shape}",
+        )
+    if initial_state is not None:
+        torch._check_value(
+            list(initial_state.shape) == [B, H, K, V],
+            lambda: f"decay_attn: initial_state must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], "
+            f"got {list(initial_state.shape)}",
+        )
+    torch._check_value(
+        method in METHODS,
+        lambda: f"decay_attn: unknown method '{method}'; expected one of {', '.join(METHODS)}",
+    )
+
+
+@torch.library.register_fake("leet::decay_attn")
+def _decay_attn_fake(q, k, v, log_decay, scale, initial_state, output_final_state, method):
+    check_inputs(q, k, v, log_decay, initial_state, method)
+    B, H, T, K = q.shape
+    o = v.new_empty(B, H, T, v.shape[3])
+    state_shape = (B, H, K, v.shape[3]) if output_final_state else (0,)
+    return o, q.new_empty(state_shape, dtype=compute_dtype(q, k, v))
+
+
+# Autograd. With o_i = s q_i S_i and S_i = sum_{j<=i} w(i, j) k_j^T v_j + exp(A_i) S0
+# (A the cumulative log decay), every gradient is itself a decay_attn:
+#   dq = decay_attn(dO, v, k, a, s, S0^T)                         (forward in time)
+#   dk = rev(decay_attn(rev v, s rev dO, rev q, a', 1, dSf^T))     (backward in time)
+#   dv = rev(decay_attn(rev k, s rev q, rev dO, a', 1, dSf))       and dS0 = exp(a_0) * its state
+# where a' is the reversed log decay shifted by one step (a'_0 = 0, a'_t = a_{T-t}).
+# The log decay gradient is dA_t = q_t.dq_t - k_t.dk_t (+ <dSf, Sf> at t = T-1),
+# summed backwards over time. Each call uses the forward's method, so the backward
+# has the forward's cost (linear in T except for "naive").
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_decay, scale, initial_state, output_final_state, method = inputs
+    ctx.scale, ctx.method, ctx.output_final_state = scale, method, output_final_state
+    ctx.log_decay_shape = None if log_decay is None else log_decay.shape
+    final_state = output[1] if output_final_state else None
+    ctx.save_for_backward(q, k, v, log_decay, initial_state, final_state)
+
+
+def _position_log_decay(log_decay, B, H, T, dtype):
+    """The log decay as [B, H, T] in `dtype` (None stays None)."""
+    if log_decay is None:
+        return None
+    a = log_decay.to(dtype)
+    return a.view(1, H, 1).expand(B, H, T) if a.dim() == 1 else a
+
+
+def _backward(ctx, grad_o, grad_state):
+    q, k, v, log_decay, s0, final_state = ctx.saved_tensors
+    scale, method = ctx.scale, ctx.method
+    B, H, T, _ = q.shape
+    dt = compute_dtype(q, k, v)
+    qf, kf, vf, do = q.to(dt), k.to(dt), v.to(dt), grad_o.to(dt)
+    d_sf = grad_state.to(dt) if ctx.output_final_state else None
+    s0f = None if s0 is None else s0.to(dt)
+    a = _position_log_decay(log_decay, B, H, T, dt)
+    # reversed in time, shifted by one: a'_0 = 0, a'_t = a_{T-t}
+    a_rev = None if a is None else torch.nn.functional.pad(a.flip(-1)[..., :-1], (1, 0))
+
+    def rev(x):
+        return x.flip(2)
+
+    op = torch.ops.leet.decay_attn.default
+    s0_t = None if s0f is None else s0f.transpose(-1, -2)
+    d_sf_t = None if d_sf is None else d_sf.transpose(-1, -2)
+    dq, _ = op(do, vf, kf, log_decay if log_decay is None else log_decay.to(dt), scale, s0_t, False, method)
+    dk, _ = op(rev(vf), rev(do) * scale, rev(qf), a_rev, 1.0, d_sf_t, False, method)
+    dv, d_s0 = op(rev(kf), rev(qf) * scale, rev(do), a_rev, 1.0, d_sf, s0 is not None, method)
+    dk, dv = rev(dk), rev(dv)
+
+    grad_log_decay = None
+    if log_decay is not None and ctx.needs_input_grad[3]:
+        dA = (qf * dq).sum(-1) - (kf * dk).sum(-1)  # [B, H, T]
+        if d_sf is not None:
+            dA[..., -1] += (d_sf * final_state.to(dt)).sum((-1, -2))
+        da = dA.flip(-1).cumsum(-1).flip(-1)  # d/da_t = sum_{m >= t} dA_m
+        grad_log_decay = (da.sum((0, 2)) if log_decay.dim() == 1 else da).to(log_decay.dtype)
+    grad_s0 = None
+    if s0 is not None:
+        first = 1.0 if a is None else a[..., 0].exp()[..., None, None]
+        grad_s0 = (d_s0 * first).to(s0.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_log_decay, None, grad_s0, None, None
+
+
+torch.library.register_autograd("leet::decay_attn", _backward, setup_context=_setup_context)
+
+
+def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_state, method):
+    """An extra leading batch dim n: fold it into B, run once, unfold."""
+    n = info.batch_size
+
+    def lead(x, dim):
+        """x with the vmapped dim first (expanded when x is not batched)."""
+        return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+    q_d, k_d, v_d, a_d, _, s_d, _, _ = in_dims
+    q, k, v = lead(q, q_d), lead(k, k_d), lead(v, v_d)
+    B, H, T, K = q.shape[1:]
+    V = v.shape[-1]
+    a = log_decay
+    if log_decay is not None and (a_d is not None or log_decay.dim() == 3):
+        a = lead(log_decay, a_d)
+        if a.dim() == 2:  # per-head decays that differ across n become per-position
+            a = a[:, None, :, None].expand(n, B, H, T)
+        a = a.reshape(n * B, H, T)
+    s = None if initial_state is None else lead(initial_state, s_d).reshape(n * B, H, K, V)
+    o, state = torch.ops.leet.decay_attn.default(
+        q.reshape(n * B, H, T, K), k.reshape(n * B, H, T, K), v.reshape(n * B, H, T, V),
+        a, scale, s, output_final_state, method,
+    )
+    o = o.view(n, B, H, T, V)
+    if output_final_state:
+        return (o, state.view(n, B, H, K, V)), (0, 0)
+    return (o, state), (0, None)
+
+
+torch.library.register_vmap("leet::decay_attn", _vmap)

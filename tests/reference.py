@@ -1,0 +1,39 @@
+"""The float64 reference every method and kernel is compared against: the
+recurrence itself, token by token, written independently of the library."""
+import torch
+
+
+def position_log_decay(log_decay, B, H, T):
+    """log_decay (None, [H] or [B, H, T]) as float64 [B, H, T]."""
+    if log_decay is None:
+        return torch.zeros(B, H, T, dtype=torch.float64)
+    a = log_decay.detach().double().cpu()
+    return a.view(1, H, 1).expand(B, H, T) if a.dim() == 1 else a
+
+
+def decay_attn_reference(q, k, v, log_decay=None, scale=1.0, initial_state=None):
+    """S_t = exp(a_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t in float64, on CPU.
+
+    Returns (o [B, H, T, V], final_state [B, H, K, V]), both float64.
+    """
+    q, k, v = (x.detach().double().cpu() for x in (q, k, v))
+    B, H, T, K = q.shape
+    a = position_log_decay(log_decay, B, H, T)
+    S = (
+        initial_state.detach().double().cpu().clone()
+        if initial_state is not None
+        else torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64)
+    )
+    o = torch.empty(B, H, T, v.shape[-1], dtype=torch.float64)
+    for t in range(T):
+        S = S * a[:, :, t].exp()[..., None, None] + k[:, :, t, :, None] * v[:, :, t, None, :]
+        o[:, :, t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S)
+    return o * scale, S
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref|| in float64 (0 when both are empty)."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
