@@ -8,6 +8,7 @@ namespace leet {
 namespace {
 
 constexpr const char* kMethods[] = {"auto", "naive", "recurrent", "chunked", "fleet", "recursive"};
+constexpr const char* kBackends[] = {"auto", "aten", "cpu", "triton", "cuda"};
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -31,7 +32,8 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 void check_decay_attn_inputs(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay,
-    const std::optional<at::Tensor>& initial_state, const std::string& method) {
+    const std::optional<at::Tensor>& initial_state, const std::string& method,
+    const std::string& backend) {
   TORCH_CHECK_VALUE(q.dim() == 4, "decay_attn: q must be a 4-D tensor [B, H, T, K], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, "decay_attn: k must be a 4-D tensor [B, H, T, K], got shape ", k.sizes());
   TORCH_CHECK_VALUE(v.dim() == 4, "decay_attn: v must be a 4-D tensor [B, H, T, V], got shape ", v.sizes());
@@ -74,6 +76,10 @@ void check_decay_attn_inputs(
   TORCH_CHECK_VALUE(
       known, "decay_attn: unknown method '", method,
       "'; expected one of auto, naive, recurrent, chunked, fleet, recursive");
+  known = false;
+  for (const char* name : kBackends) known = known || backend == name;
+  TORCH_CHECK_VALUE(
+      known, "decay_attn: unknown backend '", backend, "'; expected one of auto, aten, cpu, triton, cuda");
 }
 
 at::ScalarType compute_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {

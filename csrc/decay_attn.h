@@ -11,13 +11,14 @@ namespace leet {
 void check_decay_attn_inputs(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay,
-    const std::optional<at::Tensor>& initial_state, const std::string& method);
+    const std::optional<at::Tensor>& initial_state, const std::string& method,
+    const std::string& backend);
 
 // float64 for float64 inputs, float32 otherwise: the accumulation and state dtype.
 at::ScalarType compute_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
-// The device-generic methods, written with ATen ops (any device).
-std::tuple<at::Tensor, at::Tensor> decay_attn_generic(
+// The device-generic methods, written with ATen ops (any device): backend "aten".
+std::tuple<at::Tensor, at::Tensor> decay_attn_aten(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay, double scale,
     const std::optional<at::Tensor>& initial_state, bool output_final_state,

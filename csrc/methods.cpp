@@ -200,12 +200,11 @@ std::tuple<Tensor, Tensor> recursive(const Problem& p) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> decay_attn_generic(
+std::tuple<Tensor, Tensor> decay_attn_aten(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const std::optional<Tensor>& log_decay, double scale,
     const std::optional<Tensor>& initial_state, bool output_final_state,
     const std::string& method) {
-  check_decay_attn_inputs(q_in, k_in, v_in, log_decay, initial_state, method);
   auto p = make_problem(q_in, k_in, v_in, log_decay, scale, initial_state);
   std::tuple<Tensor, Tensor> out;
   if (p.T == 0) out = {at::empty({p.B, p.H, 0, p.V}, p.q.options()),
@@ -221,9 +220,24 @@ std::tuple<Tensor, Tensor> decay_attn_generic(
   return {o, S};
 }
 
-// Device-generic kernel: serves every backend that has no kernel of its own.
+namespace {
+
+// Serves every device that has no kernel of its own, with the ATen methods.
+std::tuple<Tensor, Tensor> decay_attn_any_device(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
+    double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
+    const std::string& method, const std::string& backend) {
+  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);
+  TORCH_CHECK_VALUE(
+      backend == "auto" || backend == "aten", "decay_attn: backend '", backend,
+      "' has no kernel for tensors on ", q.device(), " (use backend='auto' or 'aten')");
+  return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, method);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(leet, CompositeExplicitAutograd, m) {
-  m.impl("decay_attn", &decay_attn_generic);
+  m.impl("decay_attn", &decay_attn_any_device);
 }
 
 }  // namespace leet

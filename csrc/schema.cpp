@@ -5,10 +5,17 @@
 TORCH_LIBRARY(leet, m) {
   // O = scale * ((Q K^T) * D) V with D[i, j] = exp(sum_{t=j+1..i} log_decay[t]) for j <= i.
   // Returns (o, final_state); final_state is an empty tensor unless output_final_state.
+  // `method` is the algorithm (auto, naive, recurrent, chunked, fleet, recursive);
+  // `backend` the implementation (auto, aten, cpu, triton, cuda).
   m.def(
       "decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay=None, float scale=1.0, "
-      "Tensor? initial_state=None, bool output_final_state=False, str method=\"auto\") "
-      "-> (Tensor, Tensor)");
+      "Tensor? initial_state=None, bool output_final_state=False, str method=\"auto\", "
+      "str backend=\"auto\") -> (Tensor, Tensor)");
+  // The CUDA C++ kernels (csrc/cuda; registered only in CUDA builds), reached through
+  // decay_attn(..., backend="cuda"). method: "chunked" or "recurrent".
+  m.def(
+      "_decay_attn_cuda(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
+      "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
   // One decoding step: state = exp(log_decay) * state + k^T v; o = scale * q state.
   m.def(
       "decay_attn_step(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor state, "

@@ -9,7 +9,7 @@
 """
 import torch
 
-from leet_compile.ops import METHODS, library_path
+from leet_compile.ops import BACKENDS, METHODS, library_path
 
 
 def decay_attn(
@@ -22,6 +22,7 @@ def decay_attn(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     method: str = "auto",
+    backend: str = "auto",
 ):
     """Exponentially decaying causal linear attention.
 
@@ -42,16 +43,19 @@ def decay_attn(
         scale: multiplies the output (e.g. ``K ** -0.5``).
         initial_state: ``[B, H, K, V]`` state entering position 0.
         output_final_state: also return the state after the last position.
-        method: one of :data:`METHODS`; ``"auto"`` picks the fastest for the device.
+        method: the algorithm, one of :data:`METHODS`; ``"auto"`` picks by device and shape.
+        backend: the implementation, one of :data:`BACKENDS`: ``"aten"`` (every method,
+            any device, written with ATen ops), ``"cpu"`` (the fused CPU kernel, chunked),
+            ``"triton"`` / ``"cuda"`` (GPU kernels); ``"auto"`` picks the fastest available.
 
     Returns:
         ``o`` of shape ``[B, H, T, V]`` in v's dtype, or ``(o, final_state)`` with
         ``final_state`` of shape ``[B, H, K, V]`` (float32; float64 for float64 inputs).
     """
     o, state = torch.ops.leet.decay_attn(
-        q, k, v, log_decay, scale, initial_state, output_final_state, method
+        q, k, v, log_decay, scale, initial_state, output_final_state, method, backend
     )
     return (o, state) if output_final_state else o
 
 
-__all__ = ["METHODS", "decay_attn", "library_path"]
+__all__ = ["BACKENDS", "METHODS", "decay_attn", "library_path"]

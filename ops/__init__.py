@@ -11,5 +11,6 @@ load_library()
 from . import decay_attn as _decay_attn  # noqa: E402  (registrations)
 
 METHODS = _decay_attn.METHODS
+BACKENDS = _decay_attn.BACKENDS
 
-__all__ = ["METHODS", "library_path", "load_library"]
+__all__ = ["BACKENDS", "METHODS", "library_path", "load_library"]

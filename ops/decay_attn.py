@@ -8,6 +8,7 @@ traced calls fail alike.
 import torch
 
 METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
+BACKENDS = ("auto", "aten", "cpu", "triton", "cuda")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -16,7 +17,7 @@ def compute_dtype(q, k, v):
     return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
 
 
-def check_inputs(q, k, v, log_decay, initial_state, method):
+def check_inputs(q, k, v, log_decay, initial_state, method, backend):
     """Raises ValueError / TypeError naming the bad argument (mirrors csrc/checks.cpp)."""
     shapes = {"q": "[B, H, T, K]", "k": "[B, H, T, K]", "v": "[B, H, T, V]"}
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -64,11 +65,15 @@ def check_inputs(q, k, v, log_decay, initial_state, method):
         method in METHODS,
         lambda: f"decay_attn: unknown method '{method}'; expected one of {', '.join(METHODS)}",
     )
+    torch._check_value(
+        backend in BACKENDS,
+        lambda: f"decay_attn: unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}",
+    )
 
 
 @torch.library.register_fake("leet::decay_attn")
-def _decay_attn_fake(q, k, v, log_decay, scale, initial_state, output_final_state, method):
-    check_inputs(q, k, v, log_decay, initial_state, method)
+def _decay_attn_fake(q, k, v, log_decay, scale, initial_state, output_final_state, method, backend):
+    check_inputs(q, k, v, log_decay, initial_state, method, backend)
     B, H, T, K = q.shape
     o = v.new_empty(B, H, T, v.shape[3])
     state_shape = (B, H, K, v.shape[3]) if output_final_state else (0,)
@@ -87,8 +92,8 @@ def _decay_attn_fake(q, k, v, log_decay, scale, initial_state, output_final_stat
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_decay, scale, initial_state, output_final_state, method = inputs
-    ctx.scale, ctx.method, ctx.output_final_state = scale, method, output_final_state
+    q, k, v, log_decay, scale, initial_state, output_final_state, method, backend = inputs
+    ctx.scale, ctx.method, ctx.backend, ctx.output_final_state = scale, method, backend, output_final_state
     ctx.log_decay_shape = None if log_decay is None else log_decay.shape
     final_state = output[1] if output_final_state else None
     ctx.save_for_backward(q, k, v, log_decay, initial_state, final_state)
@@ -104,7 +109,7 @@ def _position_log_decay(log_decay, B, H, T, dtype):
 
 def _backward(ctx, grad_o, grad_state):
     q, k, v, log_decay, s0, final_state = ctx.saved_tensors
-    scale, method = ctx.scale, ctx.method
+    scale, method, backend = ctx.scale, ctx.method, ctx.backend
     B, H, T, _ = q.shape
     dt = compute_dtype(q, k, v)
     qf, kf, vf, do = q.to(dt), k.to(dt), v.to(dt), grad_o.to(dt)
@@ -120,9 +125,10 @@ def _backward(ctx, grad_o, grad_state):
     op = torch.ops.leet.decay_attn.default
     s0_t = None if s0f is None else s0f.transpose(-1, -2)
     d_sf_t = None if d_sf is None else d_sf.transpose(-1, -2)
-    dq, _ = op(do, vf, kf, log_decay if log_decay is None else log_decay.to(dt), scale, s0_t, False, method)
-    dk, _ = op(rev(vf), rev(do) * scale, rev(qf), a_rev, 1.0, d_sf_t, False, method)
-    dv, d_s0 = op(rev(kf), rev(qf) * scale, rev(do), a_rev, 1.0, d_sf, s0 is not None, method)
+    a_fwd = None if log_decay is None else log_decay.to(dt)
+    dq, _ = op(do, vf, kf, a_fwd, scale, s0_t, False, method, backend)
+    dk, _ = op(rev(vf), rev(do) * scale, rev(qf), a_rev, 1.0, d_sf_t, False, method, backend)
+    dv, d_s0 = op(rev(kf), rev(qf) * scale, rev(do), a_rev, 1.0, d_sf, s0 is not None, method, backend)
     dk, dv = rev(dk), rev(dv)
 
     grad_log_decay = None
@@ -136,13 +142,13 @@ def _backward(ctx, grad_o, grad_state):
     if s0 is not None:
         first = 1.0 if a is None else a[..., 0].exp()[..., None, None]
         grad_s0 = (d_s0 * first).to(s0.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_log_decay, None, grad_s0, None, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_log_decay, None, grad_s0, None, None, None
 
 
 torch.library.register_autograd("leet::decay_attn", _backward, setup_context=_setup_context)
 
 
-def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_state, method):
+def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_state, method, backend):
     """An extra leading batch dim n: fold it into B, run once, unfold."""
     n = info.batch_size
 
@@ -150,7 +156,7 @@ def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_
         """x with the vmapped dim first (expanded when x is not batched)."""
         return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
 
-    q_d, k_d, v_d, a_d, _, s_d, _, _ = in_dims
+    q_d, k_d, v_d, a_d, _, s_d, _, _, _ = in_dims
     q, k, v = lead(q, q_d), lead(k, k_d), lead(v, v_d)
     B, H, T, K = q.shape[1:]
     V = v.shape[-1]
@@ -163,7 +169,7 @@ def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_
     s = None if initial_state is None else lead(initial_state, s_d).reshape(n * B, H, K, V)
     o, state = torch.ops.leet.decay_attn.default(
         q.reshape(n * B, H, T, K), k.reshape(n * B, H, T, K), v.reshape(n * B, H, T, V),
-        a, scale, s, output_final_state, method,
+        a, scale, s, output_final_state, method, backend,
     )
     o = o.view(n, B, H, T, V)
     if output_final_state:
