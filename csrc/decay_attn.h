@@ -1,11 +1,22 @@
 // Shared declarations of the decay_attn implementations.
 #pragma once
 #include <ATen/ATen.h>
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
 namespace leet {
+
+// An output buffer: at::empty, or NaN-filled when LEET_POISON_OUTPUTS=1 so that
+// tests catch elements a kernel forgot to write.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+  const char* poison = std::getenv("LEET_POISON_OUTPUTS");
+  if (poison != nullptr && poison[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 // Validates the arguments of decay_attn (same rules and messages as ops/validation.py).
 void check_decay_attn_inputs(

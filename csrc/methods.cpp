@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor> naive(const Problem& p) {
 std::tuple<Tensor, Tensor> recurrent(const Problem& p) {
   auto S = p.s0.defined() ? p.s0.clone() : at::zeros({p.B, p.H, p.K, p.V}, p.q.options());
   auto gamma = p.a.exp();
-  auto o = at::empty({p.B, p.H, p.T, p.V}, p.q.options());
+  auto o = new_output({p.B, p.H, p.T, p.V}, p.q.options());
   for (int64_t t = 0; t < p.T; ++t) {
     S.mul_(gamma.select(2, t).unsqueeze(-1).unsqueeze(-1));
     S.add_(p.k.select(2, t).unsqueeze(-1) * p.v.select(2, t).unsqueeze(-2));
@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor> chunked(const Problem& p) {
   auto q = pad_time(p.q, Tp), k = pad_time(p.k, Tp), v = pad_time(p.v, Tp), a = pad_time(p.a, Tp);
   auto blocks = intra_blocks(q, k, v, a, C);
   // Scan over chunks: states[n] is the state before chunk n.
-  auto states = at::empty_like(blocks.dS);
+  auto states = new_output(blocks.dS.sizes(), blocks.dS.options());
   auto S = p.s0.defined() ? p.s0.clone() : at::zeros({p.B, p.H, p.K, p.V}, q.options());
   auto chunk_decay = blocks.total.to(q.scalar_type()).exp();
   for (int64_t n = 0; n < N; ++n) {
@@ -152,7 +152,7 @@ std::tuple<Tensor, Tensor> chunked(const Problem& p) {
 // last element of rank r's cumulative sum.
 std::tuple<Tensor, Tensor> fleet(const Problem& p) {
   auto o = at::zeros({p.B, p.H, p.T, p.V}, p.q.options());
-  auto S = at::empty({p.B, p.H, p.K, p.V}, p.q.options());
+  auto S = new_output({p.B, p.H, p.K, p.V}, p.q.options());
   for (int64_t r = 0; r < p.K; ++r) {
     auto c = p.k.narrow(-1, r, 1) * p.v;  // [B, H, T, V]
     if (p.s0.defined()) {                 // S_0 = gamma_0 S_{-1} + k_0^T v_0

@@ -10,6 +10,7 @@
 import torch
 
 from leet_compile.ops import BACKENDS, METHODS, library_path
+from leet_compile.ops.decay_attn import call_decay_attn
 
 
 def decay_attn(
@@ -52,10 +53,81 @@ def decay_attn(
         ``o`` of shape ``[B, H, T, V]`` in v's dtype, or ``(o, final_state)`` with
         ``final_state`` of shape ``[B, H, K, V]`` (float32; float64 for float64 inputs).
     """
-    o, state = torch.ops.leet.decay_attn(
+    o, state = call_decay_attn(
         q, k, v, log_decay, scale, initial_state, output_final_state, method, backend
     )
     return (o, state) if output_final_state else o
 
 
-__all__ = ["BACKENDS", "METHODS", "decay_attn", "library_path"]
+def decay_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+):
+    """One decoding step of :func:`decay_attn`: O(K V) per head, whatever the context length.
+
+    For every batch b and head h::
+
+        new_state = exp(log_decay) * state + k^T v
+        o = scale * q new_state
+
+    so a prefill ``decay_attn(..., output_final_state=True)`` followed by steps gives
+    the outputs of :func:`decay_attn` on the whole sequence. No host synchronisation
+    (a decode loop can be captured in a CUDA graph).
+
+    Args:
+        q, k: ``[B, H, K]``; v: ``[B, H, V]`` (the current token), any float dtype.
+        log_decay: ``None``, ``[H]`` (per head) or ``[B, H]`` (this token's gate).
+        state: ``[B, H, K, V]`` float32 (or float64); ``None`` means zeros.
+        scale: multiplies the output.
+
+    Returns:
+        ``(o, new_state)``: ``o`` ``[B, H, V]`` in v's dtype, ``new_state`` a new
+        ``[B, H, K, V]`` tensor in the state's dtype (``state`` is not modified).
+    """
+    if state is None:
+        dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+        state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype=dtype)
+    return torch.ops.leet.decay_attn_step(q, k, v, log_decay, state, scale)
+
+
+def decay_attn_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    state: torch.Tensor,
+    *,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """In-place :func:`decay_attn_step`: updates ``state`` ([B, H, K, V] float32) to
+    ``exp(log_decay) * state + k^T v`` without allocating a new state and returns
+    ``o = scale * q state`` ([B, H, V] in v's dtype). For serving loops (no autograd).
+    """
+    return torch.ops.leet.decay_attn_step_(q, k, v, log_decay, state, scale)
+
+
+from leet_compile.compat import causal_linear_decoder  # noqa: E402
+
+__all__ = [
+    "BACKENDS", "METHODS", "causal_linear_decoder", "decay_attn", "decay_attn_step",
+    "decay_attn_step_", "export", "library_path", "load_package", "rewrite_exported_program",
+]
+
+_EXPORT_API = ("export", "load_package", "rewrite_exported_program")
+
+
+def __getattr__(name):
+    # Deployment helpers (leet_compile/export.py) load on first use: `import leet_compile` stays cheap.
+    if name in _EXPORT_API:
+        import importlib
+
+        module = importlib.import_module("leet_compile.export")
+        # Importing the submodule bound the name `export` to the module; bind the functions.
+        globals().update({n: getattr(module, n) for n in _EXPORT_API})
+        return globals()[name]
+    raise AttributeError(f"module 'leet_compile' has no attribute {name!r}")

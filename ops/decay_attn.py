@@ -72,7 +72,10 @@ def check_inputs(q, k, v, log_decay, initial_state, method, backend):
 
 
 @torch.library.register_fake("leet::decay_attn")
-def _decay_attn_fake(q, k, v, log_decay, scale, initial_state, output_final_state, method, backend):
+def _decay_attn_fake(
+    q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False, method="auto", backend="auto"
+):
+    # Defaults as in the schema: the fake-tensor dispatch drops trailing arguments equal to their defaults.
     check_inputs(q, k, v, log_decay, initial_state, method, backend)
     B, H, T, K = q.shape
     o = v.new_empty(B, H, T, v.shape[3])
@@ -122,7 +125,7 @@ def _backward(ctx, grad_o, grad_state):
     def rev(x):
         return x.flip(2)
 
-    op = torch.ops.leet.decay_attn.default
+    op = call_decay_attn  # differentiable again, under torch.func transforms too
     s0_t = None if s0f is None else s0f.transpose(-1, -2)
     d_sf_t = None if d_sf is None else d_sf.transpose(-1, -2)
     a_fwd = None if log_decay is None else log_decay.to(dt)
@@ -148,15 +151,48 @@ def _backward(ctx, grad_o, grad_state):
 torch.library.register_autograd("leet::decay_attn", _backward, setup_context=_setup_context)
 
 
-def _vmap(info, in_dims, q, k, v, log_decay, scale, initial_state, output_final_state, method, backend):
-    """An extra leading batch dim n: fold it into B, run once, unfold."""
+class DecayAttnFunction(torch.autograd.Function):
+    """The same autograd as an autograd.Function, for torch.func transforms.
+
+    torch.func.grad/vjp cannot go through a custom op's registered autograd (its
+    generated Function has no setup_context), so :func:`leet_compile.decay_attn`
+    calls this instead while a transform is active. vmap of the forward and backward
+    reaches the op's own vmap rule.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+            return torch.ops.leet.decay_attn.default(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def call_decay_attn(*args):
+    """torch.ops.leet.decay_attn(*args), through DecayAttnFunction while a torch.func
+    transform is active."""
+    if torch._C._are_functorch_transforms_active():
+        return DecayAttnFunction.apply(*args)
+    return torch.ops.leet.decay_attn.default(*args)
+
+
+def _vmap(info, in_dims, q, k, v, log_decay=None, scale=1.0, initial_state=None,
+          output_final_state=False, method="auto", backend="auto"):
+    """An extra leading batch dim n: fold it into B, run once, unfold.
+
+    (Arguments equal to the schema's defaults may arrive omitted, hence the defaults.)"""
     n = info.batch_size
 
     def lead(x, dim):
         """x with the vmapped dim first (expanded when x is not batched)."""
         return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
 
-    q_d, k_d, v_d, a_d, _, s_d, _, _, _ = in_dims
+    q_d, k_d, v_d = in_dims[:3]
+    a_d = in_dims[3] if len(in_dims) > 3 else None
+    s_d = in_dims[5] if len(in_dims) > 5 else None
     q, k, v = lead(q, q_d), lead(k, k_d), lead(v, v_d)
     B, H, T, K = q.shape[1:]
     V = v.shape[-1]

@@ -37,3 +37,34 @@ def rel_err(x, ref):
     if ref.numel() == 0:
         return 0.0
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B=2, H=3, T=65, K=16, V=24, decay="head", state=False, dtype=torch.float32,
+                strided=False, decay_range=(-0.3, -0.01), requires_grad=False, seed=None):
+    """Fresh random inputs. decay: None, "head" ([H]) or "position" ([B, H, T]).
+
+    strided=True returns q, k, v as permuted views of one fused [B, T, 3, H, D] tensor
+    (the layout a fused qkv projection gives), so their strides are not contiguous.
+    """
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    D = max(K, V)
+    if strided:
+        qkv = torch.randn(B, T, 3, H, D, generator=g).to(dtype)
+        q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+        q, k, v = q[..., :K], k[..., :K], v[..., :V]
+    else:
+        q = torch.randn(B, H, T, K, generator=g).to(dtype)
+        k = torch.randn(B, H, T, K, generator=g).to(dtype)
+        v = torch.randn(B, H, T, V, generator=g).to(dtype)
+    lo, hi = decay_range
+    a = None
+    if decay == "head":
+        a = torch.rand(H, generator=g) * (hi - lo) + lo
+    elif decay == "position":
+        a = torch.rand(B, H, T, generator=g) * (hi - lo) + lo
+    s0 = torch.randn(B, H, K, V, generator=g) if state else None
+    if requires_grad:
+        for t in (q, k, v, a, s0):
+            if t is not None:
+                t.requires_grad_(True)
+    return q, k, v, a, s0

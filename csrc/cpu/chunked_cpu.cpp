@@ -156,8 +156,8 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
   Tensor a = log_decay.has_value() ? log_decay->to(at::kDouble).contiguous() : Tensor();
   Tensor s0 = initial_state.has_value() ? initial_state->to(dt).contiguous() : Tensor();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3);
-  auto out = at::empty({B, H, T, V}, q.options());
-  auto state = at::empty({B, H, K, V}, q.options());
+  auto out = new_output({B, H, T, V}, q.options());
+  auto state = new_output({B, H, K, V}, q.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "decay_attn_chunked_cpu", [&] {
     chunked_kernel<scalar_t>(q, k, v, a, s0, scale, out, state);
   });
