@@ -115,7 +115,7 @@ from leet_compile.compat import causal_linear_decoder  # noqa: E402
 
 __all__ = [
     "BACKENDS", "METHODS", "causal_linear_decoder", "decay_attn", "decay_attn_step",
-    "decay_attn_step_", "export", "library_path", "load_package", "rewrite_exported_program",
+    "decay_attn_step_", "explain", "export", "library_path", "load_package", "rewrite_exported_program",
 ]
 
 _EXPORT_API = ("export", "load_package", "rewrite_exported_program")
@@ -130,4 +130,9 @@ def __getattr__(name):
         # Importing the submodule bound the name `export` to the module; bind the functions.
         globals().update({n: getattr(module, n) for n in _EXPORT_API})
         return globals()[name]
+    if name == "explain":  # the backend's report (leet_compile/explain.py), loaded on first use
+        from leet_compile.explain import explain
+
+        globals()["explain"] = explain  # the import bound the submodule to this name
+        return explain
     raise AttributeError(f"module 'leet_compile' has no attribute {name!r}")

@@ -9,6 +9,9 @@ from ._library import library_path, load_library
 load_library()
 
 from . import decay_attn as _decay_attn  # noqa: E402  (registrations)
+from . import step as _step  # noqa: E402,F401  (decoding-step registrations)
+from . import gpu as _gpu  # noqa: E402,F401  (CUDA kernel: Triton / CUDA / ATen dispatch)
+from . import cuda as _cuda  # noqa: E402,F401  (fake kernel of _decay_attn_cuda)
 
 METHODS = _decay_attn.METHODS
 BACKENDS = _decay_attn.BACKENDS

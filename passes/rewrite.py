@@ -1,0 +1,220 @@
+"""Builds the replacement of a proven site: ``torch.ops.leet.decay_attn`` on q, k, v
+in [B, H, T, D] layout, with ``log_decay`` built as a graph expression from the
+model's own tensors (so learnable decays keep their gradients)."""
+import operator
+
+import torch
+
+from . import symbolic as S
+from .decay_attention import Unproven, is_one, shape, val
+
+aten = torch.ops.aten
+
+
+class Builder:
+    """Emits nodes before ``anchor``; every new node gets meta["val"] (fake
+    propagation) and the anchor's stack trace."""
+
+    def __init__(self, gm, match):
+        self.g = gm.graph
+        self.m = match
+        self.anchor = match.out
+        self.fake_mode = torch._guards.detect_fake_mode(
+            [val(n) for n in self.g.nodes if isinstance(val(n), torch.Tensor)])
+        interp = match.interp
+        q, rq, k, rk, _ = interp.scores
+        self.split = match.out_roles[:-2] == ("bh",) and interp.h_split is not None
+        if match.out_roles[:-2] == ("bh",) and not self.split:
+            self.batch = ["b", "bh"]  # B' = 1, H' = B*H
+        else:
+            self.batch = ["b", "h"]
+        # (node, roles) pairs where sizes can be read
+        self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
+
+    # -- emission
+    def emit(self, target, *args, **kwargs):
+        with self.g.inserting_before(self.anchor):
+            n = self.g.call_function(target, args, kwargs)
+        n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        try:
+            fargs, fkw = torch.fx.node.map_arg((args, kwargs), lambda a: val(a))
+            ctx = self.fake_mode if self.fake_mode is not None else torch._subclasses.FakeTensorMode()
+            with ctx:
+                n.meta["val"] = target(*fargs, **fkw)
+        except Exception:  # metadata is a convenience; later tracing recomputes it
+            pass
+        return n
+
+    def size(self, node, d):
+        s = shape(node)[d]
+        return s if isinstance(s, int) else self.emit(aten.sym_size.int, node, d)
+
+    def size_of(self, role):
+        """The size of a batch role as an int or a SymInt node (1 when absent)."""
+        if role == "h" and self.split:
+            return self.h_size()
+        for node, roles in self.sources:
+            if role in roles:
+                return self.size(node, roles.index(role))
+        if role == "b" and self.split:
+            for node, roles in self.sources:
+                if "bh" in roles:
+                    bh = self.size(node, roles.index("bh"))
+                    h = self.h_size()
+                    if isinstance(bh, int) and isinstance(h, int):
+                        return bh // h
+                    return self.emit(operator.floordiv, bh, h)
+        return 1
+
+    def h_size(self):
+        h = self.m.interp.h_split
+        if isinstance(h, int):
+            return h
+        for node, roles in self.sources:  # a node with an h dim gives it as a graph value
+            if "h" in roles:
+                return self.size(node, roles.index("h"))
+        expr = h.node.expr
+        for n in self.g.nodes:
+            if n.op == "placeholder" and isinstance(val(n), torch.SymInt) and val(n).node.expr == expr:
+                return n
+        raise Unproven("the B*H split size is not available as a graph value")
+
+    # -- layout
+    def materialize(self, x, roles, want):
+        """x with dims in the order of ``want`` (missing roles as size-1 dims)."""
+        roles = list(roles)
+        if "bh" in roles and "b" in want and "h" in want:
+            d = roles.index("bh")
+            sizes = [self.size(x, k) if k != d else -1 for k in range(len(roles))]
+            sizes[d:d + 1] = [-1, self.h_size()]
+            x = self.emit(aten.reshape.default, x, sizes)
+            roles[d:d + 1] = ["b", "h"]
+        if len(roles) == len(want) and all(r in (w, None) for r, w in zip(roles, want)):
+            return x  # already in order (size-1 dims stand for the missing roles)
+        if any(r is not None and r not in want for r in roles):
+            raise Unproven(f"cannot lay out dims {roles} as {want}")
+        drop = [d for d, r in enumerate(roles) if r is None]
+        if drop:
+            x = self.emit(aten.squeeze.dims, x, drop)
+            roles = [r for r in roles if r is not None]
+        present = [r for r in want if r in roles]
+        perm = [roles.index(r) for r in present]
+        if perm != list(range(len(perm))):
+            x = self.emit(aten.permute.default, x, perm)
+        for d, r in enumerate(want):
+            if r not in roles:
+                x = self.emit(aten.unsqueeze.default, x, d)
+        return x
+
+    def full(self, x, want, keep):
+        """x expanded to the full batch sizes (keep: trailing dims left as they are)."""
+        nb = len(want) - keep
+        have = shape(x)[:nb]
+        sizes = [self.size_of(r) for r in want[:nb]]
+        if all(isinstance(s, int) and s == 1 or not is_one(h) for s, h in zip(sizes, have)):
+            return x  # no size-1 dim to broadcast
+        sizes += [-1] * keep
+        return self.emit(aten.expand.default, x, sizes)
+
+    # -- coefficients (position-independent recipes)
+    def coef(self, c, want):
+        if S.is_float(c):
+            return float(c)
+        op = c[0]
+        if op == "node":
+            n, roles = c[1], c[2]
+            if not isinstance(val(n), torch.Tensor):
+                n = self.emit(aten.scalar_tensor.default, n)
+                roles = ()
+            return self.materialize(n, roles, want)
+        if op == "mul":
+            return self.emit(aten.mul.Tensor, self.coef(c[2], want), c[1])
+        if op in ("prod", "add"):
+            a, b = self.coef(c[1], want), self.coef(c[2], want)
+            return self.emit(aten.mul.Tensor if op == "prod" else aten.add.Tensor, a, b)
+        fn = {"log": aten.log.default, "exp": aten.exp.default, "recip": aten.reciprocal.default,
+              "detach": aten.detach.default}[op]
+        return self.emit(fn, self.coef(c[1], want))
+
+    def as_float(self, x, dtype):
+        if val(x) is not None and val(x).dtype == dtype:
+            return x
+        return self.emit(aten._to_copy.default, x, dtype=dtype)
+
+
+def build(gm, match):
+    """Inserts the operator call for ``match`` and redirects the users of its output."""
+    import leet_compile.ops  # noqa: F401  (registers torch.ops.leet)
+
+    b = Builder(gm, match)
+    interp, decay = match.interp, match.decay
+    q, rq, k, rk, _ = interp.scores
+    bw = b.batch
+    ren = {"i": "t", "j": "t", "c": "d", "e": "d"}
+    qn = b.materialize(q, [ren.get(r, r) for r in rq], bw + ["t", "d"])
+    kn = b.materialize(k, [ren.get(r, r) for r in rk], bw + ["t", "d"])
+    vn = b.materialize(match.v, [ren.get(r, r) for r in match.v_roles], bw + ["t", "d"])
+    qn, kn, vn = (b.full(x, bw + ["t", "d"], 2) for x in (qn, kn, vn))
+    cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
+
+    # scale: a constant float, or a tensor expression folded into q
+    scale = decay.m
+    if not S.is_float(scale):
+        m = b.coef(scale, bw)
+        m = b.emit(aten.unsqueeze.default, b.emit(aten.unsqueeze.default, m, -1), -1)
+        qn = b.emit(aten.mul.Tensor, qn, m)
+        scale = 1.0
+
+    # log_decay: [H] for a per-head constant, [B, H, T] for per-position decays
+    has_b = any("b" in roles for n, roles in S.recipe_nodes(decay.coef)) and bw[0] == "b"
+    ld = None
+    if decay.cums or has_b:
+        T = b.size(qn, 2)
+        parts = []
+        for (node, roles, det), w in decay.cums.items():
+            a = b.materialize(node, roles, bw + ["t"])
+            if det:
+                a = b.emit(aten.detach.default, a)
+            if not (S.is_float(w) and w == 1):
+                wn = b.coef(w, bw)
+                a = b.emit(aten.mul.Tensor, a, wn if isinstance(wn, float) else b.emit(aten.unsqueeze.default, wn, -1))
+            parts.append(a)
+        if not (S.is_float(decay.coef) and decay.coef == 0):
+            c = b.coef(decay.coef, bw)
+            parts.append(b.emit(aten.unsqueeze.default, c, -1) if not isinstance(c, float) else c)
+        ld = parts[0]
+        for p in parts[1:]:
+            ld = b.emit(aten.add.Tensor, ld, p)
+        if isinstance(ld, float):
+            ld = b.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
+        ld = b.emit(aten.expand.default, ld, [b.size_of(bw[0]), b.size_of(bw[1]), T])
+        ld = b.as_float(ld, cdt)
+    elif not (S.is_float(decay.coef) and decay.coef == 0):
+        H = b.size_of(bw[1])
+        c = b.coef(decay.coef, bw[1:])
+        if isinstance(c, float):
+            ld = b.emit(aten.full.default, [H], c, dtype=cdt)
+        else:
+            ld = b.as_float(b.emit(aten.expand.default, c, [H]), cdt)
+
+    op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
+    o = b.emit(operator.getitem, op, 0)
+
+    # back to the layout and dtype of the original output
+    names = match.out_roles[:-2]
+    if names == ("b", "h"):
+        dims = ["b", "h", "i", "e"]
+    elif names == ("bh",):
+        o = b.emit(aten.flatten.using_ints, o, 0, 1) if b.split else b.emit(aten.squeeze.dims, o, [0])
+        dims = ["bh", "i", "e"]
+    else:
+        o = b.emit(aten.squeeze.dims, o, [0, 1])
+        dims = ["i", "e"]
+    perm = [dims.index(r) for r in match.out_roles]
+    if perm != list(range(len(perm))):
+        o = b.emit(aten.permute.default, o, perm)
+    want_dt = val(match.out).dtype
+    if val(o) is not None and val(o).dtype != want_dt:
+        o = b.emit(aten._to_copy.default, o, dtype=want_dt)
+    match.out.replace_all_uses_with(o)
+    return scale
