@@ -47,7 +47,7 @@ def block_loop(q, k, v, log_decay, block):
     return out
 
 
-def chunked_flops(B, H, T, K, V, C=64):
+def chunked_flops(B, H, T, K, V, C=32):
     """FLOPs the chunked kernel executes: Q K^T and (A*D) V on C x C tiles (full tiles),
     Q S and K^T V on the state."""
     return B * H * (2 * T * C * (K + V) + 4 * T * K * V)

