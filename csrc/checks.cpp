@@ -5,14 +5,14 @@
 #include <c10/util/Exception.h>
 
 namespace leet {
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
 namespace {
 
 constexpr const char* kMethods[] = {"auto", "naive", "recurrent", "chunked", "fleet", "recursive"};
 constexpr const char* kBackends[] = {"auto", "aten", "cpu", "triton", "cuda"};
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(

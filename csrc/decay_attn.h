@@ -18,6 +18,9 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
+// float32, float16, bfloat16 or float64: the input dtypes every kernel accepts.
+bool is_supported_float(at::ScalarType t);
+
 // Validates the arguments of decay_attn (same rules and messages as ops/validation.py).
 void check_decay_attn_inputs(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -18,10 +18,6 @@ namespace {
 
 using at::Tensor;
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
 void check_step_inputs(
     const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
     const std::optional<Tensor>& log_decay, const Tensor& state) {
@@ -31,7 +27,7 @@ void check_step_inputs(
   const std::pair<const char*, const Tensor*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : named) {
     TORCH_CHECK_TYPE(
-        is_float(t->scalar_type()), op, ": ", name,
+        is_supported_float(t->scalar_type()), op, ": ", name,
         " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
         t->scalar_type());
   }
@@ -53,7 +49,7 @@ void check_step_inputs(
   if (log_decay.has_value()) {
     const auto& a = *log_decay;
     TORCH_CHECK_TYPE(
-        is_float(a.scalar_type()), op,
+        is_supported_float(a.scalar_type()), op,
         ": log_decay must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
         a.scalar_type());
     const bool per_head = a.dim() == 1 && a.size(0) == H;

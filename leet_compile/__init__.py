@@ -10,7 +10,7 @@
 import torch
 
 from leet_compile.ops import BACKENDS, METHODS, library_path
-from leet_compile.ops.decay_attn import call_decay_attn
+from leet_compile.ops.decay_attn import call_decay_attn, compute_dtype
 
 
 def decay_attn(
@@ -90,8 +90,7 @@ def decay_attn_step(
         ``[B, H, K, V]`` tensor in the state's dtype (``state`` is not modified).
     """
     if state is None:
-        dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-        state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype=dtype)
+        state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype=compute_dtype(q, k, v))
     return torch.ops.leet.decay_attn_step(q, k, v, log_decay, state, scale)
 
 
@@ -118,21 +117,20 @@ __all__ = [
     "decay_attn_step_", "explain", "export", "library_path", "load_package", "rewrite_exported_program",
 ]
 
-_EXPORT_API = ("export", "load_package", "rewrite_exported_program")
+# Loaded on first use, so that `import leet_compile` stays cheap (the pass, export, Inductor).
+_LAZY = {
+    "explain": "leet_compile.explainer",
+    "export": "leet_compile.deploy",
+    "load_package": "leet_compile.deploy",
+    "rewrite_exported_program": "leet_compile.deploy",
+}
 
 
 def __getattr__(name):
-    # Deployment helpers (leet_compile/export.py) load on first use: `import leet_compile` stays cheap.
-    if name in _EXPORT_API:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'leet_compile' has no attribute {name!r}")
+    import importlib
 
-        module = importlib.import_module("leet_compile.export")
-        # Importing the submodule bound the name `export` to the module; bind the functions.
-        globals().update({n: getattr(module, n) for n in _EXPORT_API})
-        return globals()[name]
-    if name == "explain":  # the backend's report (leet_compile/explain.py), loaded on first use
-        from leet_compile.explain import explain
-
-        globals()["explain"] = explain  # the import bound the submodule to this name
-        return explain
-    raise AttributeError(f"module 'leet_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,7 @@ import torch
 
 METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
 BACKENDS = ("auto", "aten", "cpu", "triton", "cuda")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def compute_dtype(q, k, v):
@@ -29,7 +29,7 @@ def check_inputs(q, k, v, log_decay, initial_state, method, backend):
         if t is None:
             continue
         torch._check_type(
-            t.dtype in _FLOAT_DTYPES,
+            t.dtype in FLOAT_DTYPES,
             lambda: f"decay_attn: {name} must be a floating-point tensor "
             f"(float32, float16, bfloat16 or float64), got {t.dtype}",
         )
@@ -97,7 +97,6 @@ def _decay_attn_fake(
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, scale, initial_state, output_final_state, method, backend = inputs
     ctx.scale, ctx.method, ctx.backend, ctx.output_final_state = scale, method, backend, output_final_state
-    ctx.log_decay_shape = None if log_decay is None else log_decay.shape
     final_state = output[1] if output_final_state else None
     ctx.save_for_backward(q, k, v, log_decay, initial_state, final_state)
 

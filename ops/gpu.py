@@ -19,7 +19,7 @@ import functools
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from .decay_attn import check_inputs
+from .decay_attn import check_inputs, compute_dtype
 
 _OP = "leet::decay_attn"
 _CUDA_OP = "leet::_decay_attn_cuda"
@@ -64,7 +64,7 @@ def select(q, k, v, method, backend):
     """
     B, H, T, K = q.shape
     V = v.shape[3]
-    float64 = torch.float64 in (q.dtype, k.dtype, v.dtype)
+    float64 = compute_dtype(q, k, v) == torch.float64
     degenerate = B * H * K * V == 0  # nothing to launch; ATen handles empty shapes
     if backend == "aten":
         return "aten", method

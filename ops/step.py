@@ -7,7 +7,7 @@ rules and messages, so eager and traced calls fail alike.
 """
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .decay_attn import FLOAT_DTYPES
 
 
 def check_step_inputs(op, q, k, v, log_decay, state):
@@ -19,7 +19,7 @@ def check_step_inputs(op, q, k, v, log_decay, state):
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         torch._check_type(
-            t.dtype in _FLOAT_DTYPES,
+            t.dtype in FLOAT_DTYPES,
             lambda: f"{op}: {name} must be a floating-point tensor "
             f"(float32, float16, bfloat16 or float64), got {t.dtype}",
         )
@@ -43,7 +43,7 @@ def check_step_inputs(op, q, k, v, log_decay, state):
     )
     if log_decay is not None:
         torch._check_type(
-            log_decay.dtype in _FLOAT_DTYPES,
+            log_decay.dtype in FLOAT_DTYPES,
             lambda: f"{op}: log_decay must be a floating-point tensor "
             f"(float32, float16, bfloat16 or float64), got {log_decay.dtype}",
         )

@@ -113,5 +113,5 @@ def test_import_stays_cheap():
     """`import leet_compile` does not import the export helpers (or torch.export work)."""
     import subprocess
 
-    code = "import sys, leet_compile; assert 'leet_compile.export' not in sys.modules; leet_compile.export"
+    code = "import sys, leet_compile; assert 'leet_compile.deploy' not in sys.modules; leet_compile.export"
     subprocess.run([sys.executable, "-c", code], check=True)

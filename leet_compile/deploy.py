@@ -8,8 +8,6 @@ See docs/deployment.md for the whole flow, including the C++ runner.
 """
 import logging
 import re
-import sys
-import types
 
 import torch
 from torch.export import ExportedProgram
@@ -92,14 +90,3 @@ def _missing_operator_message(op: str, path) -> str:
     else:
         hint = "load the library that defines it (torch.ops.load_library) before loading the package"
     return f"the AOTInductor package {path} calls the operator {op}, which is not registered; {hint}"
-
-
-class _CallableModule(types.ModuleType):
-    """`import leet_compile.export` binds ``leet_compile.export`` to this module, not
-    to the function; calling the module calls the function, so both spellings work."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
