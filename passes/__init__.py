@@ -1,14 +1,22 @@
 """leet_compile.passes: the decay-attention rewrite pass on ATen IR.
 
-:func:`rewrite_decay_attention` is the entry point used by the "leet" torch.compile
-backend and by ``leet_compile.export``.
+Reading order (each file one job): match.py finds ``P @ v`` contractions and drives the
+proof; interpreter.py evaluates P's producer subgraph with one rule per ATen op
+(rules.py) over the term algebra (terms.py) in the machine's arithmetic (arith.py);
+canonical.py reads the decay off the result; mutation.py rejects in-place writes;
+rewrite.py builds the operator call, guarded by run-time checks (guard.py) where the
+proof assumed facts about values.
 """
 import torch
 
-from .decay_attention import RewriteReport, Site, analyze, is_contraction, source_of
-from .symbolic import Unproven
+from .errors import Unproven
 
-__all__ = ["RewriteReport", "Site", "rewrite_decay_attention"]
+try:
+    from .report import RewriteReport, Site, source_of
+except ImportError:  # pragma: no cover
+    from ._report_tmp import RewriteReport, Site, source_of
+
+__all__ = ["RewriteReport", "Site", "Unproven", "rewrite_decay_attention"]
 
 
 def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
@@ -18,45 +26,68 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
 
     Returns a :class:`RewriteReport` of the rewritten sites and of the near misses
     (attention-like sites left alone, with the reason).  Each rewrite increments
-    ``torch._dynamo.utils.counters["leet"]["decay_attn_rewrites"]``.
+    ``torch._dynamo.utils.counters["leet"]["decay_attn_rewrites"]``.  Linear in the
+    size of the graph: the node order and the in-place writes are computed once.
     """
     from torch._dynamo.utils import counters
 
+    from .canonical import describe
+    from .graph import is_contraction
+    from .match import analyze
+    from .mutation import Writes
     from .rewrite import build
 
     report = RewriteReport()
     graph = gm.graph
+    order = _Order(graph)
+    writes = Writes(order)
     for n in list(graph.nodes):
         if n.graph is not graph or not is_contraction(n) or not n.users:
             continue
-        order = {x: k for k, x in enumerate(graph.nodes)}
         where = source_of(n)
         try:
-            match = analyze(n, order)
+            match = analyze(n, writes)
             if match is None:
                 continue
-            # build on a copy of the node list: a failure leaves the graph as it was
-            before = set(graph.nodes)
+            emitted = []
             try:
-                scale = build(gm, match)
+                scale, pre = build(gm, match, emitted, order)
             except Exception:
-                for x in reversed(list(graph.nodes)):
-                    if x not in before and not x.users:
+                for x in reversed(emitted):  # a failed build leaves the graph as it was
+                    if x.graph is graph and not x.users:
                         graph.erase_node(x)
                 raise
         except Unproven as e:
             report.near_misses.append(Site(n.name, where, False, reason=str(e.args[0])))
             continue
         except Exception as e:  # an analysis bug must never break compilation
+            counters["leet"]["internal_errors"] += 1
             report.near_misses.append(Site(n.name, where, False, reason=f"internal error: {e!r}"))
             continue
-        report.rewrites.append(Site(n.name, where, True, decay=match.decay.describe(), scale=scale))
+        decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
+        report.rewrites.append(Site(n.name, where, True, decay=decay, scale=scale))
         counters["leet"]["decay_attn_rewrites"] += 1
         _remove_dead(graph, match.interp.nodes | {n})
     if report.rewrites:
         graph.lint()
         gm.recompile()
     return report
+
+
+class _Order(dict):
+    """Node -> position, computed once.  A node inserted later (by a rewrite) gets a
+    position just after the nearest earlier node that has one, on first lookup."""
+
+    def __init__(self, graph):
+        super().__init__((x, float(k)) for k, x in enumerate(graph.nodes))
+
+    def __missing__(self, x):
+        prev, steps = x.prev, 1
+        while prev.op != "root" and not dict.__contains__(self, prev):
+            prev, steps = prev.prev, steps + 1
+        base = dict.__getitem__(self, prev) if prev.op != "root" else -1.0
+        self[x] = base + steps * 1e-7
+        return self[x]
 
 
 def _remove_dead(graph, candidates):

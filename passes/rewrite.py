@@ -1,12 +1,16 @@
 """Builds the replacement of a proven site: ``torch.ops.leet.decay_attn`` on q, k, v
 in [B, H, T, D] layout, with ``log_decay`` built as a graph expression from the
-model's own tensors (so learnable decays keep their gradients)."""
+model's own tensors (so learnable decays keep their gradients).  Facts the proof
+assumed about values become a run-time check with the original computation as the
+fallback (guard.py); symbolic lengths beyond the proven range fail a run-time assert."""
 import operator
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import symbolic as S
-from .decay_attention import Unproven, is_one, same, shape, val
+from . import terms as T
+from .errors import Unproven
+from .graph import is_one, same, shape, val
 
 aten = torch.ops.aten
 
@@ -30,12 +34,14 @@ class Builder:
             self.batch = ["b", "h"]
         # (node, roles) pairs where sizes can be read
         self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
+        self.emitted = []
 
     # -- emission
     def emit(self, target, *args, **kwargs):
         with self.g.inserting_before(self.anchor):
             n = self.g.call_function(target, args, kwargs)
         n.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        self.emitted.append(n)
         fargs, fkw = torch.fx.node.map_arg((args, kwargs), lambda a: val(a))
         ctx = self.fake_mode if self.fake_mode is not None else torch._subclasses.FakeTensorMode()
         try:
@@ -118,23 +124,31 @@ class Builder:
 
     # -- coefficients (position-independent recipes)
     def coef(self, c, want):
-        if S.is_float(c):
+        """A coefficient as a float or a graph node laid out with dims ``want``."""
+        if T.is_number(c):
             return float(c)
-        op = c[0]
-        if op == "node":
-            n, roles = c[1], c[2]
+        if isinstance(c, T.RNode):
+            n, roles = c.node, c.roles
             if not isinstance(val(n), torch.Tensor):
                 n = self.emit(aten.scalar_tensor.default, n)
                 roles = ()
             return self.materialize(n, roles, want)
-        if op == "mul":
-            return self.emit(aten.mul.Tensor, self.coef(c[2], want), c[1])
-        if op in ("prod", "add"):
-            a, b = self.coef(c[1], want), self.coef(c[2], want)
-            return self.emit(aten.mul.Tensor if op == "prod" else aten.add.Tensor, a, b)
+        if isinstance(c, T.RScaled):
+            return self.emit(aten.mul.Tensor, self.coef(c.r, want), float(c.k))
+        if isinstance(c, (T.RProd, T.RSum)):
+            a, b = self.coef(c.a, want), self.coef(c.b, want)
+            if isinstance(a, float) and isinstance(b, float):
+                return a * b if isinstance(c, T.RProd) else a + b
+            if isinstance(a, float):
+                a, b = b, a
+            return self.emit(aten.mul.Tensor if isinstance(c, T.RProd) else aten.add.Tensor, a, b)
         fn = {"log": aten.log.default, "exp": aten.exp.default, "recip": aten.reciprocal.default,
-              "detach": aten.detach.default}[op]
-        return self.emit(fn, self.coef(c[1], want))
+              "detach": aten.detach.default}[c.fn]
+        return self.emit(fn, self.coef(c.r, want))
+
+    def all_true(self, x):
+        """A 0-d bool node: whether every element of bool node x is true."""
+        return self.emit(aten.all.default, x)
 
     def as_float(self, x, dtype):
         if val(x) is not None and val(x).dtype == dtype:
@@ -142,11 +156,104 @@ class Builder:
         return self.emit(aten._to_copy.default, x, dtype=dtype)
 
 
-def build(gm, match):
-    """Inserts the operator call for ``match`` and redirects the users of its output."""
+def build(gm, match, emitted, order=None):
+    """Inserts the operator call for ``match`` (guarded when the proof assumed facts
+    about values) and redirects the users of the site's output.  Returns
+    (scale, preconditions as text)."""
     import leet_compile.ops  # noqa: F401  (registers torch.ops.leet)
 
     b = Builder(gm, match)
+    b.emitted = emitted
+    for size, cap in match.length_checks:
+        _assert_length(b, size, cap)
+    pred, described = _preconditions(b, match)
+    n_pre = len(b.emitted)
+    o, scale = _operator_call(b, match)
+    have, want = val(o).shape, val(match.out).shape
+    if len(have) != len(want) or not all(statically_known_true(x == y) for x, y in zip(have, want)):
+        raise Unproven(f"the mask broadcasts the result to {list(want)}, larger than q, k, v give "
+                       f"({list(have)})")
+    if pred is None:
+        match.out.replace_all_uses_with(o)
+    else:
+        from .guard import guard
+
+        fast = b.emitted[n_pre:]
+        guard(gm, match.out, fast, o, [pred], _original_nodes(match, fast), order=order, recompile=False)
+    return scale, described
+
+
+def _original_nodes(match, fast):
+    """The nodes that compute the site's output in eager (the fallback), down to the
+    values the fast branch reads too (those stay shared inputs)."""
+    fast_set = set(fast)
+    shared = {x for n in fast for x in n.all_input_nodes if x not in fast_set}
+    inside = (match.interp.nodes - match.interp.opaque) | {match.out}
+    out, seen, todo = [], set(), [match.out]
+    while todo:
+        x = todo.pop()
+        if x in seen or x not in inside or x.op != "call_function" or (x in shared and x is not match.out):
+            continue
+        seen.add(x)
+        out.append(x)
+        todo.extend(x.all_input_nodes)
+    return out
+
+
+def _assert_length(b, size, cap):
+    """A run-time assert that a symbolic length is within the range the proof covers."""
+    node = None
+    for n, roles in b.sources:
+        for d, s in enumerate(shape(n)):
+            if not isinstance(s, int) and same(s, size):
+                node = b.size(n, d)
+                break
+        if node is not None:
+            break
+    if node is None:
+        raise Unproven("the sequence length is not available as a graph value")
+    ok = b.emit(operator.le, node, cap)
+    b.emit(torch.ops.aten._assert_scalar.default, ok,
+           f"leet_compile: the rewritten decay attention was proven for sequence lengths up to {cap}")
+
+
+def _preconditions(b, match):
+    """(0-d bool node or None, texts): the value facts the proof assumed, as checks."""
+    bw = b.batch
+    checks, texts = [], []
+    for fact in sorted(match.facts.assumed, key=repr):
+        if isinstance(fact, (T.NonPositive, T.Positive)):
+            c = b.coef(fact.c, bw)
+            if isinstance(c, float):
+                ok = c <= 0 if isinstance(fact, T.NonPositive) else c > 0
+                if not ok:
+                    raise Unproven("a decay coefficient has the wrong sign")
+                continue
+            if isinstance(fact, T.NonPositive):
+                checks.append(b.emit(aten.le.Scalar, c, 0))
+                texts.append(f"{T.recipe_str(fact.c)} <= 0")
+            else:
+                checks.append(b.emit(aten.gt.Scalar, c, 0))
+                texts.append(f"{T.recipe_str(fact.c)} > 0")
+        else:  # NonPositiveCum: w * a <= 0 for the data a of a segment sum
+            node, roles, _ = fact.key
+            a = b.materialize(node, roles, bw + ["t"])
+            w = b.coef(fact.w, bw)
+            if not isinstance(w, float):
+                w = b.emit(aten.unsqueeze.default, w, -1)
+            checks.append(b.emit(aten.le.Scalar, b.emit(aten.mul.Tensor, a, w), 0))
+            texts.append(f"{T.recipe_str(fact.w)}*{T.root_name(node)} <= 0")
+    if not checks:
+        return None, texts
+    pred = None
+    for c in checks:
+        c = b.all_true(c)
+        pred = c if pred is None else b.emit(aten.logical_and.default, pred, c)
+    return pred, texts
+
+
+def _operator_call(b, match):
+    """The decay_attn call in the original output's layout and dtype: (node, scale)."""
     interp, decay = match.interp, match.decay
     q, rq, k, rk, _ = interp.scores
     bw = b.batch
@@ -159,30 +266,30 @@ def build(gm, match):
 
     # scale: a constant float, or a tensor expression folded into q
     scale = decay.m
-    if not S.is_float(scale):
+    if not T.is_number(scale):
         m = b.coef(scale, bw)
         m = b.emit(aten.unsqueeze.default, b.emit(aten.unsqueeze.default, m, -1), -1)
         qn = b.emit(aten.mul.Tensor, qn, m)
         scale = 1.0
 
     # log_decay: [H] for a per-head constant, [B, H, T] for per-position decays
-    has_b = any("b" in roles for n, roles in S.recipe_nodes(decay.coef)) and bw[0] == "b"
+    has_b = any("b" in roles for n, roles in T.recipe_nodes(decay.coef)) and bw[0] == "b"
     ld = None
     if decay.cums or has_b:
-        T = b.size(qn, 2)
+        t_len = b.size(qn, 2)
         parts = []
         for (node, roles, det), w in decay.cums.items():
             a = b.materialize(node, roles, bw + ["t"])
             if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
                 # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
-                a = b.emit(aten.slice.Tensor, a, 2, 0, T)
+                a = b.emit(aten.slice.Tensor, a, 2, 0, t_len)
             if det:
                 a = b.emit(aten.detach.default, a)
-            if not (S.is_float(w) and w == 1):
+            if not (T.is_number(w) and w == 1):
                 wn = b.coef(w, bw)
                 a = b.emit(aten.mul.Tensor, a, wn if isinstance(wn, float) else b.emit(aten.unsqueeze.default, wn, -1))
             parts.append(a)
-        if not (S.is_float(decay.coef) and decay.coef == 0):
+        if not (T.is_number(decay.coef) and decay.coef == 0):
             c = b.coef(decay.coef, bw)
             parts.append(b.emit(aten.unsqueeze.default, c, -1) if not isinstance(c, float) else c)
         ld = parts[0]
@@ -190,9 +297,9 @@ def build(gm, match):
             ld = b.emit(aten.add.Tensor, ld, p)
         if isinstance(ld, float):
             ld = b.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
-        ld = b.emit(aten.expand.default, ld, [b.size_of(bw[0]), b.size_of(bw[1]), T])
+        ld = b.emit(aten.expand.default, ld, [b.size_of(bw[0]), b.size_of(bw[1]), t_len])
         ld = b.as_float(ld, cdt)
-    elif not (S.is_float(decay.coef) and decay.coef == 0):
+    elif not (T.is_number(decay.coef) and decay.coef == 0):
         H = b.size_of(bw[1])
         c = b.coef(decay.coef, bw[1:])
         if isinstance(c, float):
@@ -219,5 +326,4 @@ def build(gm, match):
     want_dt = val(match.out).dtype
     if val(o) is not None and val(o).dtype != want_dt:
         o = b.emit(aten._to_copy.default, o, dtype=want_dt)
-    match.out.replace_all_uses_with(o)
-    return scale
+    return o, scale

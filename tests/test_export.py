@@ -51,7 +51,9 @@ class NotCausal(RetNetBlock):
 
 
 def count_decay_attn(ep):
-    return sum(n.target is torch.ops.leet.decay_attn.default for n in ep.graph.nodes)
+    """decay_attn calls in the program, guarded branches (cond subgraphs) included."""
+    return sum(n.target is torch.ops.leet.decay_attn.default
+               for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
 
 
 def dynamic_T(max_T=4096):

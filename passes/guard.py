@@ -1,0 +1,375 @@
+"""Run-time preconditions for rewrites (DESIGN.md, "The pass's contract").
+
+A fact about a tensor's *values* that the graph cannot prove (a decay buffer is
+positive, say) must not be assumed.  :func:`guard` turns it into a cheap check in the
+rewritten graph: ``cond(pred, fast, slow, operands)``, where ``slow`` is the original
+computation, so the result equals eager's whichever branch runs.  Works on make_fx
+pre-dispatch graphs (the "leet" backend) and on torch.export graphs, for training
+(grad through both branches) and inference, with static or symbolic shapes.
+
+Nothing is registered at import time; the helper op ``leet::_contiguous_grad`` is
+defined on first use (training graphs only).
+"""
+import functools
+import operator
+
+import torch
+
+__all__ = ["emit", "guard", "guarded_sites", "outline"]
+
+aten = torch.ops.aten
+Node = torch.fx.Node
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, Node) else n
+
+
+def _fake_mode(gm):
+    """The graph's fake mode (its symbolic sizes live there); a fresh one if none."""
+    from torch._guards import detect_fake_mode
+
+    vals = [_val(n) for n in gm.graph.nodes]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    return mode if mode is not None else torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _propagate(gm, node, fake_mode=None):
+    """Sets node.meta["val"] by running its target on the fake values of its inputs
+    (get_attr nodes stand for the attribute itself, e.g. a branch GraphModule)."""
+
+    def fake(a):
+        if a.op == "get_attr" and "val" not in a.meta:
+            obj = gm
+            for part in a.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        return a.meta["val"]
+
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fake)
+    with fake_mode if fake_mode is not None else _fake_mode(gm):
+        node.meta["val"] = node.target(*args, **kwargs)
+    return node
+
+
+def emit(gm: torch.fx.GraphModule, before: Node, target, *args, **kwargs) -> Node:
+    """Inserts ``target(*args, **kwargs)`` before ``before``, with meta["val"] (fake
+    propagation under the graph's fake mode) and ``before``'s stack trace, so later
+    passes, Inductor and torch.export see a well-formed node."""
+    with gm.graph.inserting_before(before):
+        n = gm.graph.call_function(target, args, kwargs)
+    n.meta["stack_trace"] = before.meta.get("stack_trace")
+    return _propagate(gm, n)
+
+
+def outline(gm: torch.fx.GraphModule, nodes: list[Node], out: Node, inputs: list[Node]) -> torch.fx.GraphModule:
+    """A new GraphModule computing ``(out,)`` from ``inputs`` (placeholders in that
+    order, meta["val"] copied) by copying ``nodes`` (in graph order, whatever order
+    they are given in).  The output is a 1-tuple, the form torch.cond's branches take.
+
+    Raises ValueError when a copied node reads a node that is neither in ``nodes``
+    nor in ``inputs`` (the subgraph would not be closed), or when ``out`` is in neither.
+    """
+    graph = gm.graph
+    node_set, input_set = set(nodes), set(inputs)
+    if len(input_set) != len(inputs):
+        raise ValueError("outline: inputs contain duplicates")
+    if node_set & input_set:
+        raise ValueError(f"outline: {sorted(x.name for x in node_set & input_set)} are both nodes and inputs")
+    for n in node_set | input_set:
+        if n.graph is not graph:
+            raise ValueError(f"outline: {n.name} is not a node of gm's graph")
+    if out not in node_set and out not in input_set:
+        raise ValueError(f"outline: out ({out.name}) is neither in nodes nor in inputs")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    ordered = sorted(node_set, key=order.__getitem__)
+    for n in ordered:
+        if n.op in ("placeholder", "output"):
+            raise ValueError(f"outline: cannot copy {n.op} node {n.name}; pass it as an input")
+        for a in n.all_input_nodes:
+            if a not in node_set and a not in input_set:
+                raise ValueError(f"outline: {n.name} reads {a.name}, which is neither in nodes nor in inputs")
+    sub = torch.fx.Graph()
+    env = {}
+    for x in inputs:
+        p = sub.placeholder(x.name)
+        if "val" in x.meta:
+            p.meta["val"] = x.meta["val"]
+        env[x] = p
+    for n in ordered:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output((env[out],))
+    return torch.fx.GraphModule(gm, sub)  # root=gm: copies the attributes get_attr nodes read
+
+
+@functools.cache
+def _contiguous_grad():
+    """``leet::_contiguous_grad``: identity (a clone) whose backward makes the grad
+    contiguous.  torch.cond's backward requires both branches' gradients w.r.t. an
+    operand to have the same strides; passing every differentiable operand through
+    this op in both branches gives both the same (contiguous) ones.  Python-only: it
+    appears in training graphs only, never in what AOTInductor packages."""
+    name = "leet::_contiguous_grad"
+    try:
+
+        @torch.library.custom_op(name, mutates_args=())
+        def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+    except RuntimeError:  # already defined in this process (e.g. module reloaded)
+        return torch.ops.leet._contiguous_grad.default
+
+    @contiguous_grad.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+    contiguous_grad.register_autograd(backward)
+    return torch.ops.leet._contiguous_grad.default
+
+
+def _requires_grad(n, memo=None):
+    """Whether autograd tracks n's value.  make_fx stores detached meta["val"]s, so the
+    truth is in meta["tensor_meta"] (set from the traced tensor); nodes added by a pass
+    have only "val", and then follow their inputs."""
+    memo = {} if memo is None else memo
+    if n not in memo:
+        memo[n] = False
+        v, tm = _val(n), n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "requires_grad"):
+            memo[n] = bool(tm.requires_grad)
+        elif isinstance(v, torch.Tensor):
+            memo[n] = v.requires_grad or (n.op == "call_function" and (v.is_floating_point() or v.is_complex())
+                                          and any(_requires_grad(a, memo) for a in n.all_input_nodes))
+    return memo[n]
+
+
+def _known_contiguous(t):
+    """True when t is contiguous for every value of its symbolic sizes (no guards added)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if not statically_known_true(size == 1) and not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
+
+
+def _pullable(n):
+    """A view or a cheap elementwise op: copied into both branches rather than passed
+    in.  Inductor lowers each branch for its operands' recorded strides, but realizes
+    a view, or an elementwise result that keeps its input's strides, with strides of its
+    own choosing; operands that are graph inputs or results of matmuls and other
+    kernels with fixed layouts arrive as recorded."""
+    t = n.target
+    if n.op == "call_function" and t is operator.getitem:  # an element of split / chunk / unbind
+        return isinstance(n.args[0], Node) and _pullable(n.args[0])
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    if any(a.alias_info is not None for a in t._schema.returns):
+        return True  # a view
+    return torch.Tag.pointwise in t.tags
+
+
+def _operands(ext, inside):
+    """(operands, nodes pulled into both branches): the external inputs, with views and
+    elementwise producers followed back to graph inputs or fixed-layout results."""
+    operands, pulled, todo = set(), [], list(ext)
+    seen = set(inside)
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if _pullable(x) and all(isinstance(a, Node) or not isinstance(a, torch.Tensor) for a in x.args):
+            pulled.append(x)
+            todo.extend(x.all_input_nodes)
+        else:
+            operands.add(x)
+    return operands, pulled
+
+
+def _external_inputs(node_set, order):
+    """Nodes read by node_set but not in it, in graph order."""
+    ext = {a for n in node_set for a in n.all_input_nodes if a not in node_set}
+    return sorted(ext, key=order.__getitem__)
+
+
+def _check_no_input_mutation(node_set, what):
+    """torch.cond branches must not mutate their operands (in place, or through a view)."""
+    for n in node_set:
+        t = n.target
+        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+            continue
+        for arg, a in zip(t._schema.arguments, n.args):
+            if not (arg.alias_info is not None and arg.alias_info.is_write and isinstance(a, Node)):
+                continue
+            base = a
+            while base in node_set and isinstance(base.target, torch._ops.OpOverload) and base.args and (
+                    base.target._schema.returns and base.target._schema.returns[0].alias_info is not None):
+                base = base.args[0]  # a view: follow it to what it aliases
+            if base not in node_set:
+                raise ValueError(f"guard: {what} node {n.name} mutates {base.name}, an input of the branch")
+
+
+def _prepare_branch(branch, fake_mode, wrap, stack_trace):
+    """Makes the branches agree where torch.cond needs it: the operands flagged in
+    ``wrap`` (differentiable ones, training only) go through _contiguous_grad, the
+    output is made contiguous."""
+    g = branch.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    if any(wrap):
+        op = _contiguous_grad()
+        last = placeholders[-1]
+        for p, flag in zip(placeholders, wrap):
+            if not (flag and p.users):
+                continue
+            with g.inserting_after(last):
+                w = g.call_function(op, (p,))
+            last = w
+            p.replace_all_uses_with(w, delete_user_cb=lambda u, w=w: u is not w)
+            w.meta["stack_trace"] = stack_trace
+            _propagate(branch, w, fake_mode)
+    out_node = next(n for n in reversed(g.nodes) if n.op == "output")
+    (res,) = out_node.args[0]
+    if not _known_contiguous(_val(res)):
+        with g.inserting_before(out_node):
+            c = g.call_function(aten.clone.default, (res,), {"memory_format": torch.contiguous_format})
+        c.meta["stack_trace"] = stack_trace
+        _propagate(branch, c, fake_mode)
+        out_node.args = ((c,),)
+    g.lint()
+    branch.recompile()
+
+
+def _same_shape(a, b):
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def _unique_index(gm):
+    i = 0
+    while hasattr(gm, f"leet_fast_{i}") or hasattr(gm, f"leet_slow_{i}"):
+        i += 1
+    return i
+
+
+def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_out: Node,
+          preconditions: list[Node], slow_nodes: list[Node], order=None, recompile=True) -> Node:
+    """Replaces the uses of ``anchor`` by
+    ``torch.ops.higher_order.cond(all(preconditions), fast, slow, operands)[0]``.
+
+    Args:
+        anchor: the original site's output node (in ``slow_nodes``).
+        fast_nodes: new nodes the caller inserted in gm (before anchor) computing
+            ``fast_out``, which must have anchor's shape and dtype; erased afterwards.
+        preconditions: 0-d bool tensor nodes already in gm, before anchor.
+        slow_nodes: the original computation of anchor, anchor included; they stay
+            in gm (the caller removes the dead ones).
+
+    Both branches take the same operands: the external inputs of both node sets, in
+    graph order (tensors and SymInts); a non-contiguous one is passed as a contiguous
+    copy (Inductor lowers the branches for the operands' recorded strides but may
+    realize a view operand with other ones).  ``order`` (node -> position) and
+    ``recompile=False`` let a pass that guards many sites stay linear in graph size.  Returns the getitem node now used instead of
+    anchor.  Raises ValueError (gm unchanged) when the pieces do not fit together.
+    """
+    graph = gm.graph
+    fast, slow = set(fast_nodes), set(slow_nodes)
+    for n in [anchor, fast_out, *fast, *slow, *preconditions]:
+        if n.graph is not graph:
+            raise ValueError(f"guard: {n.name} is not a node of gm's graph")
+    if anchor not in slow:
+        raise ValueError("guard: anchor must be one of slow_nodes")
+    if fast_out not in fast:
+        raise ValueError("guard: fast_out must be one of fast_nodes")
+    if fast & slow:
+        raise ValueError(f"guard: {sorted(n.name for n in fast & slow)} are in both fast_nodes and slow_nodes")
+    if not preconditions:
+        raise ValueError("guard: no precondition given (replace anchor directly instead)")
+    if order is None:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+    for p in preconditions:
+        v = _val(p)
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 0):
+            raise ValueError(f"guard: precondition {p.name} is not a 0-d bool tensor")
+    for n in fast:
+        for u in n.users:
+            if u not in fast:
+                raise ValueError(f"guard: fast node {n.name} is used by {u.name}, outside fast_nodes")
+    a_val, f_val = _val(anchor), _val(fast_out)
+    if not (isinstance(a_val, torch.Tensor) and isinstance(f_val, torch.Tensor)):
+        raise ValueError("guard: anchor and fast_out need tensor meta['val']")
+    if a_val.dtype != f_val.dtype or not _same_shape(a_val, f_val):
+        raise ValueError(f"guard: fast_out is {f_val.dtype}{list(f_val.shape)}, "
+                         f"anchor is {a_val.dtype}{list(a_val.shape)}")
+    fast_ext, slow_ext = _external_inputs(fast, order), _external_inputs(slow, order)
+    if anchor in fast_ext:
+        raise ValueError("guard: fast_nodes read anchor")
+    operands, pulled = _operands(set(fast_ext) | set(slow_ext), fast | slow)
+    operands = sorted(operands, key=order.__getitem__)
+    for x in operands:
+        if not isinstance(_val(x), (torch.Tensor, torch.SymInt, int)):
+            raise ValueError(f"guard: operand {x.name} is not a tensor or SymInt ({type(_val(x)).__name__})")
+    for x in [*operands, *preconditions]:
+        if order[x] > order[anchor]:
+            raise ValueError(f"guard: {x.name} comes after anchor {anchor.name}")
+    _check_no_input_mutation(fast, "fast")
+    _check_no_input_mutation(slow, "slow")
+
+    fake_mode = _fake_mode(gm)
+    stack_trace = anchor.meta.get("stack_trace")
+    # Only where a backward will run through the cond (never in inference graphs)
+    memo = {}
+    needs_grad = _requires_grad(anchor, memo)
+    wrap = [needs_grad and isinstance(_val(x), torch.Tensor) and _requires_grad(x, memo) for x in operands]
+    i = _unique_index(gm)
+    names = (f"leet_fast_{i}", f"leet_slow_{i}")
+    new = []
+
+    def add(target, *args, **kwargs):
+        with graph.inserting_before(anchor):
+            n = graph.call_function(target, args, kwargs)
+        n.meta["stack_trace"] = stack_trace
+        new.append(n)
+        return n
+
+    branches = (outline(gm, fast_nodes + pulled, fast_out, operands),
+                outline(gm, slow_nodes + pulled, anchor, operands))
+    for branch in branches:
+        _prepare_branch(branch, fake_mode, wrap, stack_trace)
+
+    pred = preconditions[0]
+    for p in preconditions[1:]:
+        pred = _propagate(gm, add(aten.logical_and.default, pred, p), fake_mode)
+    for name, branch in zip(names, branches):
+        gm.register_module(name, branch)
+    with graph.inserting_before(anchor):
+        attrs = [graph.get_attr(name) for name in names]
+    for a in attrs:
+        a.meta["stack_trace"] = stack_trace
+    c = add(torch.ops.higher_order.cond, pred, attrs[0], attrs[1], tuple(operands))
+    with torch.no_grad():  # fake-run the forward only; grad-mode cond would trace joint graphs
+        _propagate(gm, c, fake_mode)
+    if needs_grad:
+        c.meta["val"] = tuple(t.requires_grad_(True) for t in c.meta["val"])
+    r = _propagate(gm, add(operator.getitem, c, 0), fake_mode)
+    anchor.replace_all_uses_with(r, delete_user_cb=lambda u: u not in new)
+    for n in sorted(fast, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+    if recompile:
+        graph.lint()
+        gm.recompile()
+    return r
+
+
+def guarded_sites(gm: torch.fx.GraphModule) -> list[Node]:
+    """The cond nodes :func:`guard` put in gm's graph (for reports and tests, which
+    then need not name torch's private higher-order op)."""
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.higher_order.cond
+            and n.args[1].op == "get_attr" and n.args[1].target.startswith("leet_fast_")]

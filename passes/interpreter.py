@@ -1,0 +1,131 @@
+"""Evaluates graph nodes as piecewise index expressions (terms.py).
+
+``ev(node, roles)`` gives the value of ``node`` whose dims have the given roles (see
+contractions.py).  Each op's rule (rules.py) computes the exact value from its
+arguments' values; the node's dtype is then applied (arith.in_dtype).  The
+interpreter records the scores contraction it meets (``scores``), the size of h when a
+view splits a merged B*H dim (``h_split``), the nodes it evaluated (``nodes``) and those
+it took as they are (``opaque``: graph values, per-position data)."""
+import torch
+
+from . import terms as T
+from .arith import in_dtype
+from .contractions import bcast, contraction_roles
+from .errors import Unproven
+from .graph import CONTRACTIONS, aten, packet, val
+
+POS = ("i", "j")
+
+
+class MaskInterpreter:
+    def __init__(self):
+        self.memo = {}
+        self.scores = None
+        self.h_split = None
+        self.nodes = set()
+        self.opaque = set()
+
+    def ev(self, n, roles):
+        if not isinstance(n, torch.fx.Node):
+            if isinstance(n, (int, float, bool)):
+                return T.pw_const(T.num(n))
+            raise Unproven(f"unsupported argument {n!r}")
+        roles = tuple(roles)
+        key = (n, roles)
+        if key not in self.memo:
+            self.memo[key] = self._ev(n, roles)
+            self.nodes.add(n)
+        return self.memo[key]
+
+    def arg(self, a, out_roles):
+        """An argument's value, broadcast to the result's roles."""
+        if isinstance(a, torch.fx.Node) and not isinstance(val(a), torch.Tensor):
+            return T.pw_const(T.aff(T.RNode(a, ())))  # a SymInt / SymFloat scalar
+        return self.ev(a, bcast(a, out_roles) if isinstance(a, torch.fx.Node) else ())
+
+    def _ev(self, n, roles):
+        from .rules import RULES
+
+        if not any(r in POS for r in roles):
+            c = self.constant(n)
+            if c is None:
+                self.opaque.add(n)
+            return T.pw_const(T.num(c) if c is not None else T.aff(T.RNode(n, roles)))
+        if n.op != "call_function":
+            if n.op == "get_attr":
+                c = self.constant(n)
+                if c is not None:
+                    return T.pw_const(T.num(c))
+                raise Unproven(f"{n.name} is a constant [T, T] tensor: a mask read from a buffer "
+                               "cannot be proven (build it in forward from torch.arange)")
+            return self.leaf(n, roles)
+        p = packet(n)
+        if p in RULES:
+            rule, rounds = RULES[p]
+            v = val(n)
+            pw = rule(self, n, roles)
+            return in_dtype(v.dtype, pw, rounds) if isinstance(v, torch.Tensor) else pw
+        if p in CONTRACTIONS:
+            return self.scores_contraction(n, roles)
+        return self.leaf(n, roles)
+
+    def leaf(self, n, roles):
+        """A value taken as it is: data at one position (a graph tensor read at i or j)."""
+        pos = [r for r in roles if r in POS]
+        if len(pos) != 1:
+            what = f"{n.target}" if n.op == "call_function" else f"the input {n.name}"
+            raise Unproven(f"{what} gives a value that depends on both positions i and j "
+                           "(a data-dependent mask cannot be proven)")
+        self.opaque.add(n)
+        key = (n, tuple("t" if r in POS else r for r in roles), False)
+        return T.pw_const(T.aff(0, {T.Leaf(key, pos[0]): 1}))
+
+    def constant(self, n):
+        """The value of a one-element constant (full, scalar_tensor, lifted constant), as
+        the node's dtype stores it, or None."""
+        p = packet(n)
+        if n.op == "get_attr":
+            owner = n.graph.owning_module
+            t = getattr(owner, n.target, None) if owner is not None else None
+            if isinstance(t, torch.Tensor) and t.numel() == 1 and not isinstance(
+                    t, torch._subclasses.FakeTensor):
+                return t.item()
+            return None
+        if p in (aten.lift_fresh_copy, aten.lift_fresh, aten.clone, aten.detach) and \
+                isinstance(n.args[0], torch.fx.Node):
+            return self.constant(n.args[0])
+        c = None
+        if p in (aten.full, aten.full_like, aten.new_full) and isinstance(n.args[-1], (int, float, bool)):
+            c = n.args[-1]
+        if p in (aten.ones, aten.ones_like, aten.new_ones):
+            c = 1
+        if p in (aten.zeros, aten.zeros_like, aten.new_zeros):
+            c = 0
+        if p == aten.scalar_tensor and isinstance(n.args[0], (int, float, bool)):
+            c = n.args[0]
+        if c is None or not isinstance(val(n), torch.Tensor):
+            return c
+        try:  # the value eager stores: full(0.5, dtype=int64) holds 0
+            return torch.full((), c, dtype=val(n).dtype).item()
+        except (RuntimeError, TypeError, OverflowError):
+            return None
+
+    def scores_contraction(self, n, roles):
+        """The scores q . k (a contraction whose result depends on both positions)."""
+        pos = [r for r in roles if r in POS]
+        if len(pos) < 2:
+            return self.leaf(n, roles)
+        (a, ra), (b, rb), contracted = contraction_roles(n, roles)
+        if contracted != 1:
+            raise Unproven("the scores contract over more than one dim")
+        pa = [r for r in ra if r in POS]
+        pb = [r for r in rb if r in POS]
+        if sorted(pa + pb) != ["i", "j"] or len(pa) != 1:
+            raise Unproven(f"{n.name} is a contraction but not q @ k^T over positions")
+        if pa == ["j"]:
+            (a, ra), (b, rb) = (b, rb), (a, ra)
+        found = (a, ra, b, rb, n)
+        if self.scores is not None and self.scores != found:
+            raise Unproven("two different scores contractions")
+        self.scores = found
+        return T.pw_const(T.Scores(T.ONE))

@@ -1,0 +1,148 @@
+"""Finds ``(q @ k^T) * M @ v`` at a contraction and proves M (the straight walk:
+candidate roles -> interpret P -> canonical form -> in-place checks -> Match)."""
+import dataclasses
+
+import torch
+
+from . import terms as T
+from .canonical import Decay, canonical
+from .contractions import contraction_roles, einsum_letters
+from .errors import Unproven
+from .graph import aten, is_contraction, packet, same, shape, upper_bound
+from .interpreter import MaskInterpreter
+from .mutation import check_mutations
+
+# Positions are bounded by this when a length is symbolic; the rewritten graph checks it.
+SYMBOLIC_LENGTH_CAP = 2 ** 24
+
+
+@dataclasses.dataclass
+class Match:
+    out: torch.fx.Node  # the output contraction P @ v
+    out_roles: tuple
+    v: torch.fx.Node
+    v_roles: tuple
+    interp: MaskInterpreter
+    decay: Decay
+    facts: T.Facts
+    length_checks: list  # (SymInt size, cap): sizes the rewritten graph asserts
+
+
+def _batch_names(k):
+    return {0: (), 1: ("bh",), 2: ("b", "h")}.get(k)
+
+
+def _candidates(n, nd, names):
+    """(index of P among the operands, output roles) for each reading of n as P @ v."""
+    if packet(n) != aten.einsum:
+        return [(0, names + ("i", "e"))]
+    try:
+        ins, out = einsum_letters(n.args[0], [len(shape(o)) for o in n.args[1]])
+    except Exception:
+        return []
+    if len(ins) != 2:
+        return []
+    free = [L for L in out if not (L in ins[0] and L in ins[1])]
+    batch_letters = [L for L in out if L in ins[0] and L in ins[1]]
+    if len(free) != 2 or len(batch_letters) != nd - 2:
+        return []
+    res = []
+    for p_idx in (0, 1):
+        i_letter = next((L for L in free if L in ins[p_idx]), None)
+        e_letter = next((L for L in free if L in ins[1 - p_idx]), None)
+        if i_letter is None or e_letter is None:
+            continue
+        bn = dict(zip(batch_letters, names))
+        res.append((p_idx, tuple(bn.get(L) or ("i" if L == i_letter else "e") for L in out)))
+    return res
+
+
+def _position_range(size):
+    """(largest position, check): exact for a static size; for a symbolic one its known
+    bound, else SYMBOLIC_LENGTH_CAP with a run-time check."""
+    if isinstance(size, int):
+        return size - 1, None
+    hi = upper_bound(size)
+    if hi is not None and hi <= SYMBOLIC_LENGTH_CAP:
+        return hi - 1, None
+    return SYMBOLIC_LENGTH_CAP - 1, (size, SYMBOLIC_LENGTH_CAP)
+
+
+def analyze(n, writes):
+    """Match and prove at the contraction n: a Match, None (not attention), or
+    Unproven (a near miss, with the reason)."""
+    nd = len(shape(n))
+    names = _batch_names(nd - 2)
+    if names is None:
+        return None
+    first_error = None
+    for p_idx, out_roles in _candidates(n, nd, names):
+        (a, ra), (b, rb), nc = contraction_roles(n, out_roles)
+        if nc != 1:
+            continue
+        (p, rp), (v, rv) = ((a, ra), (b, rb)) if p_idx == 0 else ((b, rb), (a, ra))
+        if "i" not in rp or "e" not in rv:
+            continue
+        rp = tuple("j" if r == "c" else r for r in rp)
+        rv = tuple("j" if r == "c" else r for r in rv)
+        ps = shape(p)
+        ti, tj = ps[rp.index("i")], ps[rp.index("j")]
+        if not same(ti, tj) or not _has_scores_upstream(p):
+            continue
+        try:
+            return _prove(n, out_roles, p, rp, v, rv, ti, writes)
+        except Unproven as e:
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def _prove(n, out_roles, p, rp, v, rv, size, writes):
+    last, check = _position_range(size)
+    facts = T.Facts(last, last)
+    interp = MaskInterpreter()
+    with T.facts_for(facts):
+        pw = interp.ev(p, rp)
+        if interp.scores is None:
+            raise Unproven("no q @ k^T contraction found in the attention weights")
+        mask = []
+        for lo, hi, t in pw:
+            if isinstance(t, T.Scores):
+                mask.append((lo, hi, t.t))
+            elif isinstance(t, T.Num) and t.x == 0:
+                mask.append((lo, hi, T.ZERO))
+            else:
+                raise Unproven("the attention weights are not the scores times a mask "
+                               f"({T.kind(t)} for i - j in [{lo}, {hi}])")
+        decay = canonical(T.merge(mask))
+    check_mutations(writes, interp.nodes - interp.opaque, interp.opaque, _operator_reads(interp, v, decay), n)
+    return Match(n, out_roles, v, rv, interp, decay, facts, [check] if check else [])
+
+
+def _operator_reads(interp, v, decay):
+    """The nodes the operator call reads (at the site's output contraction)."""
+    q, _, k, _, _ = interp.scores
+    coefs = [decay.m, decay.coef, *decay.cums.values()]
+    nodes = {q, k, v} | {n for c in coefs for n, _ in T.recipe_nodes(c)} | {key[0] for key in decay.cums}
+    return {n for n in nodes if isinstance(n, torch.fx.Node)}
+
+
+_BOUNDARIES = {aten.linear, aten.addmm, aten.baddbmm, aten.conv1d, aten.conv2d, aten.convolution}
+
+
+def _has_scores_upstream(p, limit=2000):
+    """Whether a contraction feeds p through non-contraction ops (keeps plain
+    projections out of the near-miss report)."""
+    seen, todo = set(), [p]
+    while todo and len(seen) < limit:
+        x = todo.pop()
+        if x in seen or not isinstance(x, torch.fx.Node):
+            continue
+        seen.add(x)
+        if is_contraction(x):
+            return True
+        if packet(x) in _BOUNDARIES:
+            continue
+        todo.extend(x.all_input_nodes)
+    return False
