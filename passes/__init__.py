@@ -10,11 +10,7 @@ proof assumed facts about values.
 import torch
 
 from .errors import Unproven
-
-try:
-    from .report import RewriteReport, Site, source_of
-except ImportError:  # pragma: no cover
-    from ._report_tmp import RewriteReport, Site, source_of
+from .report import RewriteReport, Site
 
 __all__ = ["RewriteReport", "Site", "Unproven", "rewrite_decay_attention"]
 
@@ -25,12 +21,11 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     meta["val"]) into ``torch.ops.leet.decay_attn``, in place.
 
     Returns a :class:`RewriteReport` of the rewritten sites and of the near misses
-    (attention-like sites left alone, with the reason).  Each rewrite increments
-    ``torch._dynamo.utils.counters["leet"]["decay_attn_rewrites"]``.  Linear in the
-    size of the graph: the node order and the in-place writes are computed once.
+    (attention-like sites left alone, with the reason); the report logs and counts
+    each (``torch._dynamo.utils.counters["leet"]``: decay_attn_rewrites, near_misses,
+    internal_errors).  Linear in the size of the graph: the node order and the
+    in-place writes are computed once.
     """
-    from torch._dynamo.utils import counters
-
     from .canonical import describe
     from .graph import is_contraction
     from .match import analyze
@@ -44,7 +39,6 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     for n in list(graph.nodes):
         if n.graph is not graph or not is_contraction(n) or not n.users:
             continue
-        where = source_of(n)
         try:
             match = analyze(n, writes)
             if match is None:
@@ -58,15 +52,13 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
                         graph.erase_node(x)
                 raise
         except Unproven as e:
-            report.near_misses.append(Site(n.name, where, False, reason=str(e.args[0])))
+            report.near_miss(n, e)
             continue
         except Exception as e:  # an analysis bug must never break compilation
-            counters["leet"]["internal_errors"] += 1
-            report.near_misses.append(Site(n.name, where, False, reason=f"internal error: {e!r}"))
+            report.internal_error(n, e)
             continue
         decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
-        report.rewrites.append(Site(n.name, where, True, decay=decay, scale=scale))
-        counters["leet"]["decay_attn_rewrites"] += 1
+        report.rewritten(n, decay=decay, scale=scale)
         _remove_dead(graph, match.interp.nodes | {n})
     if report.rewrites:
         graph.lint()

@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from . import terms as T
-from .arith import EXPONENT_ABS_TOL, EXPONENT_REL_TOL
+from .arith import WEIGHT_TOL_ULPS
 from .errors import Unproven
 
 
@@ -24,8 +24,9 @@ class Decay:
     cums: dict  # key (node, roles, detached) -> weight
 
 
-def canonical(pw):
-    """The :class:`Decay` of a mask given piecewise over d, or Unproven."""
+def canonical(pw, u_out):
+    """The :class:`Decay` of a mask given piecewise over d, or Unproven; ``u_out`` is
+    the unit roundoff of the site's output dtype."""
     body = None
     diag = None
     for lo, hi, t in pw:
@@ -45,7 +46,7 @@ def canonical(pw):
         if lo == 0 and hi == 0:
             diag = t
             continue
-        form = _exp_form(t, lo, hi)
+        form = _exp_form(t, lo, hi, u_out)
         if body is None:
             body = form
         elif form != body:
@@ -54,7 +55,7 @@ def canonical(pw):
         raise Unproven("the mask is zero everywhere" if diag is None else "the mask is only the diagonal")
     m, c0, coef, cums = body
     if diag is not None:
-        dm, dc0, _, _ = _exp_form(diag, 0, 0, diag_only=True)
+        dm, dc0, _, _ = _exp_form(diag, 0, 0, u_out, diag_only=True)
         if (dm, dc0) != (m, c0) and not (T.is_number(dm) and T.is_number(m) and T.is_number(dc0)
                                          and T.is_number(c0) and
                                          math.isclose(dm * math.exp(dc0), m * math.exp(c0), rel_tol=1e-12)):
@@ -62,7 +63,7 @@ def canonical(pw):
     return Decay(T.cmul(m, T.cexp(c0)), coef, cums)
 
 
-def _exp_form(t, lo, hi, diag_only=False):
+def _exp_form(t, lo, hi, u_out, diag_only=False):
     """(m, c0, coef, cums) with t == m * exp(c0 + coef*(i - j) + sum w (C_i - C_j))."""
     if isinstance(t, T.Num):
         if not (t.x > 0 and math.isfinite(t.x)):
@@ -74,10 +75,11 @@ def _exp_form(t, lo, hi, diag_only=False):
         raise Unproven("the decay overflows to inf in eager for the lengths proven (a growing "
                        "exponential)")
     x = t.x
-    if x.abs > EXPONENT_ABS_TOL or x.rel > EXPONENT_REL_TOL:
-        raise Unproven("eager computes the decay's exponent with a large rounding error (positions "
-                       "or distances beyond the dtype's exact range, or a difference of large "
-                       "scaled positions)")
+    tol = WEIGHT_TOL_ULPS * u_out
+    if x.abs + t.rel > tol or x.rel > tol:
+        raise Unproven("eager rounds the decay weights more than the output's precision (mask "
+                       "arithmetic in a lower precision than the output, positions or distances "
+                       "beyond the dtype's exact integers, or a difference of large scaled positions)")
     atoms = x.coefs()
     ci, cj = atoms.pop(T.I, 0), atoms.pop(T.J, 0)
     if T.cadd(ci, cj) != 0:

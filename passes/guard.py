@@ -165,6 +165,8 @@ def _pullable(n):
     own choosing; operands that are graph inputs or results of matmuls and other
     kernels with fixed layouts arrive as recorded."""
     t = n.target
+    if n.op == "call_function" and isinstance(_val(n), (torch.SymFloat, torch.SymBool)):
+        return True  # a Python scalar computed from sizes: cond takes no such operand
     if n.op == "call_function" and t is operator.getitem:  # an element of split / chunk / unbind
         return isinstance(n.args[0], Node) and _pullable(n.args[0])
     if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:

@@ -115,9 +115,17 @@ def _prove(n, out_roles, p, rp, v, rv, size, writes):
             else:
                 raise Unproven("the attention weights are not the scores times a mask "
                                f"({T.kind(t)} for i - j in [{lo}, {hi}])")
-        decay = canonical(T.merge(mask))
+        decay = canonical(T.merge(mask), _unit_roundoff(n))
     check_mutations(writes, interp.nodes - interp.opaque, interp.opaque, _operator_reads(interp, v, decay), n)
     return Match(n, out_roles, v, rv, interp, decay, facts, [check] if check else [])
+
+
+def _unit_roundoff(n):
+    from .arith import unit_roundoff
+    from .graph import val
+
+    dt = val(n).dtype
+    return unit_roundoff(dt) if dt.is_floating_point else unit_roundoff(torch.float64)
 
 
 def _operator_reads(interp, v, decay):

@@ -48,7 +48,7 @@ class Builder:
             with ctx:
                 n.meta["val"] = target(*fargs, **fkw)
         except Exception as e:  # a node that cannot run (wrong shapes) is a bug: undo the site
-            raise Unproven(f"internal error: the replacement does not type-check ({target}: {e})") from e
+            raise RuntimeError(f"the replacement does not type-check ({target}: {e})") from e
         return n
 
     def size(self, node, d):

@@ -14,7 +14,8 @@ Terms (small frozen classes, compared structurally):
 * :class:`Exp`: ``m * exp(x)`` with ``x`` an Aff.  Eager overflows to inf where x
   exceeds ``x_max_ok`` and underflows where x is below ``x_min_ok`` (the tightest
   limits over the dtypes and factors of the nodes it went through, see arith.py);
-  ``amp`` is the product of the constant factors above 1 it was scaled by.
+  ``amp`` is the product of the constant factors above 1 it was scaled by, ``rel`` the
+  relative error eager's rounding of the value itself adds.
 * :class:`ZeroOrNan`: 0, or nan where an exp overflowed (``0 * exp(...)``).
 * :class:`IsNan`: the boolean ``isnan(term)`` (or its negation) of graph node ``src``.
 * :class:`Scores`: the attention scores ``q_i . k_j`` times a term.
@@ -215,6 +216,7 @@ class Exp:
     x_max_ok: float = INF
     x_min_ok: float = -INF
     amp: float = 1.0
+    rel: float = 0.0  # relative error of the value from rounding it (not its exponent)
 
 
 def exp_range(t, lo, hi):
@@ -496,7 +498,7 @@ def t_mul(a, b, lo=-INF, hi=INF):
         # a factor that underflows makes the product smaller still; one that overflows is inf
         if may_overflow(a, lo, hi) or may_overflow(b, lo, hi):
             raise Unproven("a product of exponentials one of which overflows in eager")
-        return Exp(cmul(a.m, b.m), t_add(a.x, b.x, lo, hi), amp=max(a.amp, b.amp))
+        return Exp(cmul(a.m, b.m), t_add(a.x, b.x, lo, hi), amp=max(a.amp, b.amp), rel=a.rel + b.rel)
     raise Unproven(f"cannot multiply {kind(a)} by {kind(b)} (not a decay form)")
 
 
@@ -536,7 +538,7 @@ def t_recip(a, lo=-INF, hi=INF):
             raise Unproven("1 / an exponential that underflows to 0 or overflows in eager")
         x = a.x
         return Exp(crecip(a.m), aff(cneg(x.c0), {k: cneg(v) for k, v in x.atoms}, x.rel, x.abs),
-                   amp=a.amp)
+                   amp=a.amp, rel=a.rel)
     raise Unproven(f"cannot divide by {kind(a)}")
 
 
@@ -587,7 +589,7 @@ def t_pow(base, e, lo=-INF, hi=INF):
             raise Unproven("power of a negative exponential")
         if may_overflow(base, lo, hi) or may_underflow(base, lo, hi):
             raise Unproven("power of an exponential that overflows or underflows in eager")
-        return Exp(cexp(cmul(e.x, clog(base.m))), _scale(base.x, e.x))
+        return Exp(cexp(cmul(e.x, clog(base.m))), _scale(base.x, e.x), rel=base.rel * abs(e.x))
     raise Unproven(f"{kind(base)} to the power {kind(e)}")
 
 

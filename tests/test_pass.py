@@ -178,14 +178,14 @@ class <lambda>(torch.nn.Module):
 class <lambda>(torch.nn.Module):
     def forward(self, q_1: "f32[1, 4, 8, 4]", k_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", g_1: "f32[4]"):
         # No stacktrace found for following nodes
-        unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+        unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1)
         unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
-        transpose: "f32[1, 4, 4, 8]" = torch.ops.aten.transpose.int(k_1, -1, -2);  k_1 = None
+        transpose: "f32[1, 4, 4, 8]" = torch.ops.aten.transpose.int(k_1, -1, -2);  transpose = None
         squeeze_dims: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
         unsqueeze_default: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims, 0);  squeeze_dims = None
         log_default: "f32[1, 4]" = torch.ops.aten.log.default(unsqueeze_default);  unsqueeze_default = None
         le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0);  log_default = None
-        squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
+        squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2]);  unsqueeze_3 = None
         unsqueeze_default_1: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_1, 0);  squeeze_dims_1 = None
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
@@ -193,12 +193,15 @@ class <lambda>(torch.nn.Module):
         logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
-        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (q_1, v_1, unsqueeze_3, transpose));  logical_and_default = leet_fast_0 = leet_slow_0 = q_1 = v_1 = unsqueeze_3 = transpose = None
+        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
         getitem_1: "f32[1, 4, 8, 4]" = cond[0];  cond = None
         return getitem_1
     class leet_fast_0(torch.nn.Module):
-        def forward(self, q_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", unsqueeze_3: "f32[4, 1, 1]", transpose: "f32[1, 4, 4, 8]"):
+        def forward(self, q_1: "f32[1, 4, 8, 4]", k_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", g_1: "f32[4]"):
             # No stacktrace found for following nodes
+            unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+            unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
+            transpose: "f32[1, 4, 4, 8]" = torch.ops.aten.transpose.int(k_1, -1, -2);  k_1 = None
             squeeze_dims_2: "f32[4, 4, 8]" = torch.ops.aten.squeeze.dims(transpose, [0]);  transpose = None
             permute_default: "f32[4, 8, 4]" = torch.ops.aten.permute.default(squeeze_dims_2, [0, 2, 1]);  squeeze_dims_2 = None
             unsqueeze_default_2: "f32[1, 4, 8, 4]" = torch.ops.aten.unsqueeze.default(permute_default, 0);  permute_default = None
@@ -209,15 +212,18 @@ class <lambda>(torch.nn.Module):
             getitem: "f32[1, 4, 8, 4]" = decay_attn_default[0];  decay_attn_default = None
             return (getitem,)
     class leet_slow_0(torch.nn.Module):
-        def forward(self, q_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", unsqueeze_3: "f32[4, 1, 1]", transpose: "f32[1, 4, 4, 8]"):
+        def forward(self, q_1: "f32[1, 4, 8, 4]", k_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", g_1: "f32[4]"):
             # No stacktrace found for following nodes
             arange: "i64[8]" = torch.ops.aten.arange.default(8, device = device(type='cpu'), pin_memory = False)
             unsqueeze: "i64[8, 1]" = torch.ops.aten.unsqueeze.default(arange, 1)
             unsqueeze_1: "i64[1, 8]" = torch.ops.aten.unsqueeze.default(arange, 0);  arange = None
+            unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+            unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
             sub: "i64[8, 8]" = torch.ops.aten.sub.Tensor(unsqueeze, unsqueeze_1)
             pow_1: "f32[4, 8, 8]" = torch.ops.aten.pow.Tensor_Tensor(unsqueeze_3, sub);  unsqueeze_3 = sub = None
             gt: "b8[8, 8]" = torch.ops.aten.gt.Tensor(unsqueeze_1, unsqueeze);  unsqueeze_1 = unsqueeze = None
             masked_fill: "f32[4, 8, 8]" = torch.ops.aten.masked_fill.Scalar(pow_1, gt, 0);  pow_1 = gt = None
+            transpose: "f32[1, 4, 4, 8]" = torch.ops.aten.transpose.int(k_1, -1, -2);  k_1 = None
             matmul: "f32[1, 4, 8, 8]" = torch.ops.aten.matmul.default(q_1, transpose);  q_1 = transpose = None
             mul: "f32[1, 4, 8, 8]" = torch.ops.aten.mul.Tensor(matmul, masked_fill);  matmul = masked_fill = None
             matmul_1: "f32[1, 4, 8, 4]" = torch.ops.aten.matmul.default(mul, v_1);  mul = v_1 = None
@@ -231,17 +237,17 @@ class <lambda>(torch.nn.Module):
 class <lambda>(torch.nn.Module):
     def forward(self, q_1: "f32[2, 4, 8, 4]", k_1: "f32[2, 4, 8, 4]", v_1: "f32[2, 4, 8, 4]", g_1: "f32[4]"):
         # No stacktrace found for following nodes
-        reshape: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(q_1, [8, 8, 4]);  q_1 = None
-        reshape_1: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(k_1, [8, 8, 4]);  k_1 = None
-        reshape_2: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(v_1, [8, 8, 4]);  v_1 = None
-        unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+        reshape: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(q_1, [8, 8, 4]);  reshape = None
+        reshape_1: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(k_1, [8, 8, 4])
+        reshape_2: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(v_1, [8, 8, 4]);  reshape_2 = None
+        unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1)
         unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
-        transpose: "f32[8, 4, 8]" = torch.ops.aten.transpose.int(reshape_1, 1, 2);  reshape_1 = None
+        transpose: "f32[8, 4, 8]" = torch.ops.aten.transpose.int(reshape_1, 1, 2);  reshape_1 = transpose = None
         squeeze_dims: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
         unsqueeze_default: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims, 0);  squeeze_dims = None
         log_default: "f32[1, 4]" = torch.ops.aten.log.default(unsqueeze_default);  unsqueeze_default = None
         le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0);  log_default = None
-        squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
+        squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2]);  unsqueeze_3 = None
         unsqueeze_default_1: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_1, 0);  squeeze_dims_1 = None
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
@@ -249,13 +255,19 @@ class <lambda>(torch.nn.Module):
         logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
-        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (reshape, reshape_2, unsqueeze_3, transpose));  logical_and_default = leet_fast_0 = leet_slow_0 = reshape = reshape_2 = unsqueeze_3 = transpose = None
+        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
         getitem_1: "f32[8, 8, 4]" = cond[0];  cond = None
         view: "f32[2, 4, 8, 4]" = torch.ops.aten.view.default(getitem_1, [2, 4, 8, 4]);  getitem_1 = None
         return view
     class leet_fast_0(torch.nn.Module):
-        def forward(self, reshape: "f32[8, 8, 4]", reshape_2: "f32[8, 8, 4]", unsqueeze_3: "f32[4, 1, 1]", transpose: "f32[8, 4, 8]"):
+        def forward(self, q_1: "f32[2, 4, 8, 4]", k_1: "f32[2, 4, 8, 4]", v_1: "f32[2, 4, 8, 4]", g_1: "f32[4]"):
             # No stacktrace found for following nodes
+            reshape: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(q_1, [8, 8, 4]);  q_1 = None
+            reshape_1: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(k_1, [8, 8, 4]);  k_1 = None
+            reshape_2: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(v_1, [8, 8, 4]);  v_1 = None
+            unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+            unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
+            transpose: "f32[8, 4, 8]" = torch.ops.aten.transpose.int(reshape_1, 1, 2);  reshape_1 = None
             reshape_default: "f32[2, 4, 8, 4]" = torch.ops.aten.reshape.default(reshape, [-1, 4, 8, 4]);  reshape = None
             reshape_default_1: "f32[2, 4, 4, 8]" = torch.ops.aten.reshape.default(transpose, [-1, 4, 4, 8]);  transpose = None
             permute_default: "f32[2, 4, 8, 4]" = torch.ops.aten.permute.default(reshape_default_1, [0, 1, 3, 2]);  reshape_default_1 = None
@@ -268,11 +280,16 @@ class <lambda>(torch.nn.Module):
             flatten_using_ints: "f32[8, 8, 4]" = torch.ops.aten.flatten.using_ints(getitem, 0, 1);  getitem = None
             return (flatten_using_ints,)
     class leet_slow_0(torch.nn.Module):
-        def forward(self, reshape: "f32[8, 8, 4]", reshape_2: "f32[8, 8, 4]", unsqueeze_3: "f32[4, 1, 1]", transpose: "f32[8, 4, 8]"):
+        def forward(self, q_1: "f32[2, 4, 8, 4]", k_1: "f32[2, 4, 8, 4]", v_1: "f32[2, 4, 8, 4]", g_1: "f32[4]"):
             # No stacktrace found for following nodes
+            reshape: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(q_1, [8, 8, 4]);  q_1 = None
+            reshape_1: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(k_1, [8, 8, 4]);  k_1 = None
+            reshape_2: "f32[8, 8, 4]" = torch.ops.aten.reshape.default(v_1, [8, 8, 4]);  v_1 = None
             arange: "i64[8]" = torch.ops.aten.arange.default(8, device = device(type='cpu'), pin_memory = False)
             unsqueeze: "i64[8, 1]" = torch.ops.aten.unsqueeze.default(arange, 1)
             unsqueeze_1: "i64[1, 8]" = torch.ops.aten.unsqueeze.default(arange, 0);  arange = None
+            unsqueeze_2: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(g_1, 1);  g_1 = None
+            unsqueeze_3: "f32[4, 1, 1]" = torch.ops.aten.unsqueeze.default(unsqueeze_2, 2);  unsqueeze_2 = None
             sub: "i64[8, 8]" = torch.ops.aten.sub.Tensor(unsqueeze, unsqueeze_1)
             clamp: "i64[8, 8]" = torch.ops.aten.clamp.default(sub, 0);  sub = None
             pow_1: "f32[4, 8, 8]" = torch.ops.aten.pow.Tensor_Tensor(unsqueeze_3, clamp);  unsqueeze_3 = clamp = None
@@ -281,6 +298,7 @@ class <lambda>(torch.nn.Module):
             unsqueeze_4: "f32[1, 4, 8, 8]" = torch.ops.aten.unsqueeze.default(mul, 0);  mul = None
             expand: "f32[2, 4, 8, 8]" = torch.ops.aten.expand.default(unsqueeze_4, [2, 4, 8, 8]);  unsqueeze_4 = None
             reshape_3: "f32[8, 8, 8]" = torch.ops.aten.reshape.default(expand, [8, 8, 8]);  expand = None
+            transpose: "f32[8, 4, 8]" = torch.ops.aten.transpose.int(reshape_1, 1, 2);  reshape_1 = None
             bmm: "f32[8, 8, 8]" = torch.ops.aten.bmm.default(reshape, transpose);  reshape = transpose = None
             mul_1: "f32[8, 8, 8]" = torch.ops.aten.mul.Tensor(bmm, reshape_3);  bmm = reshape_3 = None
             bmm_1: "f32[8, 8, 4]" = torch.ops.aten.bmm.default(mul_1, reshape_2);  mul_1 = reshape_2 = None
