@@ -27,6 +27,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     in-place writes are computed once.
     """
     from .canonical import describe
+    from .functionalize import functionalize_fresh
     from .graph import is_contraction
     from .match import analyze
     from .mutation import Writes
@@ -35,6 +36,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     report = RewriteReport()
     graph = gm.graph
     order = _Order(graph)
+    changed = functionalize_fresh(graph, order)
     writes = Writes(order)
     for n in list(graph.nodes):
         if n.graph is not graph or not is_contraction(n) or not n.users:
@@ -60,7 +62,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
         decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
         report.rewritten(n, decay=decay, scale=scale)
         _remove_dead(graph, match.interp.nodes | {n})
-    if report.rewrites:
+    if report.rewrites or changed:
         graph.lint()
         gm.recompile()
     return report

@@ -143,7 +143,7 @@ def gamma_mutated(m, q, k, v):  # log_decay would be read from the halved buffer
     return (S(q, k) * D) @ v
 
 
-def log_decay_mutated(m, q, k, v):  # the per-position decay is written after its cumsum
+def log_decay_mutated(m, q, k, v):  # written after its cumsum: later reads see the new value only
     A = -F.softplus(q.sum(-1))
     c = torch.cumsum(A, -1)
     L = L_causal(c[..., :, None] - c[..., None, :])
@@ -236,7 +236,7 @@ CASES = [
     ("q_mutated", q_mutated, {}, {}, "mutated in place"),
     ("k_mutated", k_mutated, {}, {}, "mutated in place"),
     ("gamma_mutated", gamma_mutated, {"gamma": G}, {}, "mutated in place"),
-    ("log_decay_mutated", log_decay_mutated, {}, {}, "mutated in place"),
+    ("log_decay_mutated", log_decay_mutated, {}, {}, "rewrite"),  # a fresh tensor: made out of place
     ("mask_written_through_split", mask_written_through_split, {}, {}, "mutated in place"),
     ("mask_written_through_unbind", mask_written_through_unbind, {}, {}, "mutated in place"),
     ("mask_written_through_chunk", mask_written_through_chunk, {}, {}, "mutated in place"),
