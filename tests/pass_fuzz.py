@@ -26,7 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from leet_compile.passes import rewrite_decay_attention
 
-__all__ = ["Program", "Outcome", "check_fn", "check_compiled", "compare", "generate", "make_inputs"]
+__all__ = ["Program", "Outcome", "check_fn", "check_compiled", "compare", "generate", "make_inputs", "shrink"]
 
 
 # ---------------------------------------------------------------- comparison
@@ -182,11 +182,17 @@ class Program:
     hazards: list  # why this program may not be an exact causal decay mask
     seed: int = 0
     rtol: float = 1e-4  # float64 all through: 1e-6; any float32 or 16-bit step: 1e-4 (strict)
+    uncounted: list = dataclasses.field(default_factory=list)  # why a true mask is left out of the rate
 
     @property
     def true_mask(self):
         """The generator built an exact causal decay mask, safe in its dtypes."""
         return not self.hazards
+
+    @property
+    def counts_for_rate(self):
+        """A true mask that a complete prover should rewrite (counted in the rewrite rate)."""
+        return self.true_mask and not self.uncounted
 
     def fn(self):
         env = {"torch": torch, "F": F, "math": math, "inf": math.inf, "nan": math.nan}
@@ -218,6 +224,7 @@ class _Gen:
         self.seed = seed
         self.lines = []
         self.hazards = []
+        self.uncounted = []  # sound programs left out of the rewrite rate
         self.buffers = []
 
     def pick(self, *opts, w=None):
@@ -268,7 +275,7 @@ class _Gen:
                 self.hazard(f"positions up to {hi} wrap in {dt}")
         if T > _EXACT[dt]:
             self.hazard(f"T={T} beyond exact {dt}")
-        form = self.pick("bcast", "view", "meshgrid", "swapped", w=[6, 2, 2, 1])
+        form = self.pick("bcast", "view", "meshgrid", "swapped", w=[8, 3, 1, 1])
         if form == "bcast":
             self.emit("i, j = n[:, None], n[None, :]")
         elif form == "view":
@@ -285,7 +292,7 @@ class _Gen:
         kind = self.pick("cmp", "cmp", "cmp", "tri", "tri")
         if kind == "tri":
             diag = self.pick(0, -1, 1, w=[8, 1, 1])
-            sp = self.pick("tril", "not_triu", "triu_T", "tril_bool")
+            sp = self.pick("tril", "not_triu", "triu_T", "tril_bool", w=[3, 3, 1, 3])
             if sp == "tril":
                 self.emit(f"c = torch.ones(T, T).tril({diag}).bool()" if diag else "c = torch.ones(T, T).tril().bool()")
             elif sp == "tril_bool":
@@ -373,6 +380,10 @@ class _Gen:
                 g = torch.tensor(([1.1, 0.9, 1.01, 0.5] * H)[:H], dtype=torch.float64)
                 if dmax * math.log(1.1) > lim:
                     self.hazard("gamma > 1 overflows")
+            if vals == "retnet" and self.chance(0.2):  # a 0-d gamma buffer
+                b = self.buffer(g[0].to(self.pick(torch.float32, torch.float64)))
+                self.emit(f"w = {b}.to(d.dtype) ** d")
+                return "w", fdt, None
             b = self.buffer(g.to(self.pick(torch.float32, torch.float64)))
             self.emit(f"w = {b}.to(d.dtype)[:, None, None] ** d")
             return "w", fdt, "H"
@@ -409,18 +420,19 @@ class _Gen:
         w, wdt, per = self.decay(T, H, scale, qdt)
         cdts = [qdt, wdt]
         # combine weights and condition
-        how = self.pick("where", "masked_fill", "mul_bool", "exp_where_log", "tril_of_w", "fill_inf_nan_to_num",
-                        w=[4, 3, 2, 1, 1, 1])
+        how = self.pick("where", "masked_fill", "mul_bool", "mul_float", "exp_where_log", "exp_fill_log",
+                        "tril_of_w", "fill_inf_nan_to_num", w=[6, 5, 1, 1, 1, 1, 1, 1])
         if how == "where":
             self.emit(f"M = torch.where({cond}, {w}, 0.0)")
         elif how == "masked_fill":
             self.emit(f"M = {w}.masked_fill(~{cond}, 0)")
-        elif how == "mul_bool":
-            self.emit(f"M = {w} * {cond}")
-            self.hazard("w * bool: inf/nan above the diagonal would give nan (w may be finite, fine)")
-            self.hazards.pop()
+        elif how in ("mul_bool", "mul_float"):
+            self.emit(f"M = {w} * {cond}" if how == "mul_bool" else f"M = {w} * {cond}.to({w}.dtype)")
+            self.uncounted.append("w * mask: 0 * inf above the diagonal unless w is bounded there")
         elif how == "exp_where_log":
             self.emit(f"M = torch.exp(torch.where({cond}, torch.log({w}), -inf))")
+        elif how == "exp_fill_log":
+            self.emit(f"M = torch.exp(torch.log({w}).masked_fill(~{cond}, -inf))")
         elif how == "tril_of_w":
             self.emit(f"M = torch.where({cond}, {w}, 0.0).tril()")
         else:
@@ -437,7 +449,7 @@ class _Gen:
                 self.hazard("constant product underflows")
         elif sc is not None:
             self.emit(f"M = M * {sc}")
-            if sc == 1e30 and wdt in (torch.float16, torch.bfloat16):
+            if sc == 1e30 and wdt == torch.float16:
                 self.hazard("scale overflows 16 bits")
         # post ops
         post = self.pick(None, "nan_to_num", "clamp0", "clamp_nan", "cast16", "cast32", "cast64",
@@ -493,14 +505,55 @@ class _Gen:
         order = self.pick("s*M", "M*s")
         prod = "s * M" if order == "s*M" else "M * s"
         if self.chance(0.2):
-            self.emit(f"return torch.einsum('bhij,bhjd->bhid', {prod}, v)")
+            five_d = bs in ("expand_bigger", "ones_batch") or (per == "BH" and bs == "unsqueeze")
+            eq = "'...ij,...jd->...id'" if five_d or self.chance(0.3) else "'bhij,bhjd->bhid'"
+            self.emit(f"return torch.einsum({eq}, {prod}, v)")
         else:
             self.emit(f"return ({prod}) @ v")
         src = "def fn(q, k, v, *bufs):\n" + "\n".join(self.lines) + "\n"
         rtol = 1e-6 if all(d == torch.float64 for d in cdts) else 1e-4
-        return Program(src, (B, H, T, D), qdt, self.buffers, self.hazards, self.seed, rtol)
+        if T == 1:
+            self.uncounted.append("T = 1")
+        return Program(src, (B, H, T, D), qdt, self.buffers, self.hazards, self.seed, rtol, self.uncounted)
 
 
+
+
+def shrink(p, budget=200):
+    """A smaller program of the same failure kind: drops body lines one at a time
+    (keeping each drop that still fails the same way), then tries smaller shapes."""
+    import itertools
+
+    def fails(q):
+        try:
+            o = q.check()
+        except Exception:
+            return False
+        return not o.ok and o.kind == kind
+
+    kind = p.check().kind
+    if not kind:
+        return p
+    lines = p.source.splitlines()
+    k, tries = 2, 0
+    while k < len(lines) - 1 and tries < budget:
+        cand = lines[:k] + lines[k + 1:]
+        q = dataclasses.replace(p, source="\n".join(cand) + "\n")
+        tries += 1
+        if fails(q):
+            lines, p = cand, q
+        else:
+            k += 1
+    if p.hazards and not p.hazards[0].startswith("(before shrinking)"):
+        p = dataclasses.replace(p, hazards=["(before shrinking) " + h for h in p.hazards])
+    B, H, T, D = p.shape
+    for b, t, d in itertools.product(sorted({1, B}), sorted({2, 5, 8, T}), sorted({2, D})):
+        if (b, t, d) >= (B, T, D) or t > T:
+            continue
+        q = dataclasses.replace(p, shape=(b, H, t, d))
+        if fails(q):
+            return q
+    return p
 
 
 def generate(seed):
