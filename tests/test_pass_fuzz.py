@@ -29,7 +29,7 @@ from pass_fuzz import compare, generate  # noqa: E402
 CI_SEEDS = range(150)
 SLOW_SEEDS = range(1000, 3000)
 DYNAMO_SEEDS = range(0, 150, 15)  # 10 programs
-RATE_FLOOR = 0.30  # of the true masks in CI_SEEDS; measured 2026-12 on the pass of bd1a24f
+RATE_FLOOR = 0.6  # of the counted true masks in CI_SEEDS; 31/42 (74%) on the pass of bd1a24f
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,8 +85,7 @@ def test_fuzz_many_programs(chunk):
     seeds = SLOW_SEEDS[chunk * 100:(chunk + 1) * 100]
     bad = []
     for s in seeds:
-        p = generate(s)
-        o = p.check()
+        p, o = _outcome(s)
         if not o.ok:
             bad.append(_explain(p, o))
     assert not bad, f"{len(bad)} of {len(seeds)} programs unsound:\n\n" + "\n\n".join(bad)
@@ -94,12 +93,7 @@ def test_fuzz_many_programs(chunk):
 
 @pytest.mark.slow
 def test_fuzz_rewrite_rate_slow(capsys):
-    true = rewritten = 0
-    for s in SLOW_SEEDS[:1000]:
-        p = generate(s)
-        if p.counts_for_rate:
-            true += 1
-            rewritten += p.check().rewrites > 0
+    rewritten, true = _rate(SLOW_SEEDS)  # cached by test_fuzz_many_programs in the same session
     with capsys.disabled():
         print(f"\n[leet fuzz, slow] true masks rewritten: {rewritten}/{true} ({rewritten / max(true, 1):.0%})")
     assert rewritten / true >= RATE_FLOOR
@@ -126,11 +120,19 @@ def _check_dynamic(p):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3000, 3020))
 def test_fuzz_torch_compile_inductor(seed):
-    """End to end: torch.compile(fn, backend="leet") (Inductor)."""
+    """End to end: torch.compile(fn, backend="leet") (Inductor).  Where the pass
+    rewrote nothing, the leet backend is plain Inductor, whose 16-bit elementwise
+    numerics differ from eager on their own: compare with backend="inductor" then."""
+    from torch._dynamo.utils import counters
+
     p = generate(seed)
     fn, inputs = p.fn(), p.inputs()
     ref = fn(*[x.clone() for x in inputs])
     torch._dynamo.reset()
+    counters.clear()
     out = torch.compile(fn, backend="leet", fullgraph=True)(*[x.clone() for x in inputs])
+    if counters["leet"]["decay_attn_rewrites"] == 0:
+        torch._dynamo.reset()
+        ref = torch.compile(fn, backend="inductor", fullgraph=True)(*[x.clone() for x in inputs])
     why = compare(out, ref, p.rtol)
-    assert why is None, f"{why}\n{p.describe()}"
+    assert why is None, f"{why} ({counters['leet']['decay_attn_rewrites']} rewrites)\n{p.describe()}"
