@@ -330,7 +330,7 @@ class _Gen:
     # -- the decay weights as a float tensor (before masking)
     def decay(self, T, H, scale, qdt):
         kind = self.pick("none", "pow_const", "pow_buf", "exp_const", "exp2", "alibi", "exp_param", "segsum",
-                         w=[2, 2, 3, 2, 1, 2, 2, 2])
+                         "exp_cleaned", w=[2, 2, 3, 2, 1, 2, 2, 2, 2])
         if kind == "none":
             self.emit(self.pick("w = torch.ones(T, T)", "w = torch.ones(T, T, dtype=torch.float64)",
                                 "w = torch.ones((), dtype=torch.float64).expand(T, T)"))
@@ -392,6 +392,15 @@ class _Gen:
             if c * dmax > lim:
                 self.hazard("exp overflows")
             self.emit(f"w = torch.exp({c} * d)")
+            return "w", fdt, None
+        if kind == "exp_cleaned":  # a growing exp whose overflow is "cleaned" (changes eager's values)
+            c = self.pick(12.0, 3.0, 0.5, w=[3, 2, 1])
+            self.emit(f"w = torch.exp({c} * d)")
+            self.emit(self.pick("w = torch.nan_to_num(w, posinf=0.0)", "w = torch.nan_to_num(w)",
+                                "w = torch.where(torch.isinf(w), 0.0, w)", "w = w.clamp(max=1e30)", w=[3, 2, 1, 1]))
+            self.uncounted.append("a cleanup of exp overflow (nan_to_num / isinf / clamp)")
+            if c * dmax > lim or (fdt == torch.float16 and "1e30" in self.lines[-1]):
+                self.hazard("exp overflow, then cleaned")
             return "w", fdt, None
         if kind == "exp2":
             c = self.pick(-0.25, -1.0, -0.01, 0.5)

@@ -27,9 +27,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from pass_fuzz import compare, generate  # noqa: E402
 
 CI_SEEDS = range(150)
+# seeds past 150 where this generator found a class that the first 150 miss (issue 9:
+# 1 float positions, 2 int32 wrap, 5 overflow cleaned by nan_to_num, 8 clamp(min=nan))
+KNOWN_SEEDS = [160, 166, 265, 375, 544, 777]
 SLOW_SEEDS = range(1000, 3000)
 DYNAMO_SEEDS = range(0, 150, 15)  # 10 programs
-RATE_FLOOR = 0.6  # of the counted true masks in CI_SEEDS; 31/42 (74%) on the pass of bd1a24f
+RATE_FLOOR = 0.6  # of the counted true masks in CI_SEEDS; 30/42 (71%) on the pass of bd1a24f
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +45,7 @@ def _explain(p, o):
     return f"{o.kind}: {o.failure}\n(rewrites: {o.rewrites}; near misses: {o.reasons})\n{p.describe()}"
 
 
-@pytest.mark.parametrize("seed", CI_SEEDS)
+@pytest.mark.parametrize("seed", list(CI_SEEDS) + KNOWN_SEEDS)
 def test_fuzz_program_is_sound(seed):
     p, o = _outcome(seed)
     assert o.ok, _explain(p, o)
