@@ -612,12 +612,15 @@ FAMILIES = [
     ("torchscale_retention_pypi", partial(TorchscaleRetention, norm="pypi"),
      "torchscale 0.3.0 (PyPI) parallel retention with RetNetRelPos' mask, in one graph"),
     ("torchscale_retention_github", partial(TorchscaleRetention, norm="github"),
-     "torchscale main: abs().sum() normaliser (a sum of |scores|, not a decay_attn row sum)"),
+     "torchscale main: abs().sum() normaliser (a sum of |scores|, not a decay_attn row sum): "
+     "no O(T) form, the target is to leave it alone"),
     ("torchscale_mask_only", TorchscaleMaskOnly,
      "torchscale's +inf fill / exp(mask * decay buffer) / nan_to_num mask, no normalisation"),
     ("torchscale_msr_layer", TorchscaleMSR,
      "a whole MultiScaleRetention layer (projections, theta shift, group norm, gate)"),
-    ("fla_naive_retention", FlaNaiveRetention, "three-operand einsum with the mask as an operand"),
+    ("fla_naive_retention", FlaNaiveRetention,
+     "three-operand einsum with the mask as an operand; exp2((i-j)*s) * ge(i, j) overflows above the "
+     "diagonal (inf * 0 = nan in eager for T >= ~2800 in float32): valid only below that length"),
     ("fla_simple_gla_parallel", FlaSimpleGLAParallel, "[B, T, H, D] layout via einops, cumsum gates"),
     ("fla_simple_gla_chunk", FlaSimpleGLAChunk,
      "per-chunk masked products in a Python loop, written into o[:, :, i]"),
