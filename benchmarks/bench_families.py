@@ -87,7 +87,7 @@ def main(argv=None):
                 fn = model if backend == "eager" else torch.compile(model, backend=backend)
                 print(f"{name:30s} {backend:8s} ...", end=" ", flush=True)
                 try:
-                    ms = median_ms(lambda: fn(*inputs), warmup=1, reps=args.reps)
+                    ms = median_ms(lambda: fn(*inputs), warmup=2, reps=args.reps)  # the first call compiles
                 except Exception as e:  # report and go on: one family must not stop the table
                     row[backend] = {"error": repr(e)[:300]}
                     print(f"failed: {e!r}"[:300], flush=True)
