@@ -31,6 +31,8 @@ _PRECISION = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.flo
 # exp(x) differ by: lower-precision mask arithmetic (bf16 exponents in a float32 model,
 # a mask cast to float16) changes eager's result beyond that and is left alone.
 WEIGHT_TOL_ULPS = 16
+# ... of the output dtype, or of float32 (the operator's own accumulation), whichever is larger
+FLOAT32_ROUNDOFF = 2.0 ** -24
 
 
 def unit_roundoff(dtype):
@@ -113,8 +115,8 @@ def _exp_in_float(t, dtype, lo, hi):
         m = _round(m, dtype)
         if m == 0 or not math.isfinite(m):
             raise Unproven(f"an exponential scaled by {m} in {dtype}")
-        x_max = math.log(fin.max / abs(m))
-        x_min = math.log(fin.tiny / abs(m))
+        x_max = math.log(fin.max) - math.log(abs(m))
+        x_min = math.log(fin.tiny) - math.log(abs(m))
         mag = abs(m)
     else:  # a graph value of unknown (finite) magnitude: safe only while exp(x) <= 1
         x_max, x_min, mag = 0.0, INF, None

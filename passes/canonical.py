@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from . import terms as T
-from .arith import WEIGHT_TOL_ULPS
+from .arith import FLOAT32_ROUNDOFF, WEIGHT_TOL_ULPS
 from .errors import Unproven
 
 
@@ -75,7 +75,7 @@ def _exp_form(t, lo, hi, u_out, diag_only=False):
         raise Unproven("the decay overflows to inf in eager for the lengths proven (a growing "
                        "exponential)")
     x = t.x
-    tol = WEIGHT_TOL_ULPS * u_out
+    tol = WEIGHT_TOL_ULPS * max(u_out, FLOAT32_ROUNDOFF)
     if x.abs + t.rel > tol or x.rel > tol:
         raise Unproven("eager rounds the decay weights more than the output's precision (mask "
                        "arithmetic in a lower precision than the output, positions or distances "

@@ -194,6 +194,19 @@ def _operands(ext, inside):
     return operands, pulled
 
 
+def _exactly_contiguous(t):
+    """True when t has the strides of a fresh contiguous tensor, size-1 dims included
+    (torch.cond compares the stride order of both branches' outputs, those dims too)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    expected = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
+
+
 def _external_inputs(node_set, order):
     """Nodes read by node_set but not in it, in graph order."""
     ext = {a for n in node_set for a in n.all_input_nodes if a not in node_set}
@@ -237,7 +250,7 @@ def _prepare_branch(branch, fake_mode, wrap, stack_trace):
             _propagate(branch, w, fake_mode)
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
     (res,) = out_node.args[0]
-    if not _known_contiguous(_val(res)):
+    if not _exactly_contiguous(_val(res)):
         with g.inserting_before(out_node):
             c = g.call_function(aten.clone.default, (res,), {"memory_format": torch.contiguous_format})
         c.meta["stack_trace"] = stack_trace

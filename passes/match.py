@@ -28,14 +28,27 @@ class Match:
     length_checks: list  # (SymInt size, cap): sizes the rewritten graph asserts
 
 
-def _batch_names(k):
-    return {0: (), 1: ("bh",), 2: ("b", "h")}.get(k)
+def _batch_names(sizes):
+    """Roles of an output's batch dims: None for a size-1 dim; the others are b, h (or
+    one merged bh); None overall when more than two dims are not of size 1."""
+    from .graph import is_one
+
+    big = [k for k, s in enumerate(sizes) if not is_one(s)]
+    names = {0: (), 1: ("bh",), 2: ("b", "h")}.get(len(big))
+    if names is None:
+        return None
+    roles = [None] * len(sizes)
+    for k, name in zip(big, names):
+        roles[k] = name
+    return tuple(roles)
 
 
-def _candidates(n, nd, names):
+def _candidates(n):
     """(index of P among the operands, output roles) for each reading of n as P @ v."""
+    nd = len(shape(n))
     if packet(n) != aten.einsum:
-        return [(0, names + ("i", "e"))]
+        names = _batch_names(shape(n)[:-2])
+        return [] if names is None else [(0, names + ("i", "e"))]
     try:
         ins, out = einsum_letters(n.args[0], [len(shape(o)) for o in n.args[1]])
     except Exception:
@@ -46,6 +59,9 @@ def _candidates(n, nd, names):
     batch_letters = [L for L in out if L in ins[0] and L in ins[1]]
     if len(free) != 2 or len(batch_letters) != nd - 2:
         return []
+    names = _batch_names([shape(n)[out.index(L)] for L in batch_letters])
+    if names is None:
+        return []
     res = []
     for p_idx in (0, 1):
         i_letter = next((L for L in free if L in ins[p_idx]), None)
@@ -53,7 +69,7 @@ def _candidates(n, nd, names):
         if i_letter is None or e_letter is None:
             continue
         bn = dict(zip(batch_letters, names))
-        res.append((p_idx, tuple(bn.get(L) or ("i" if L == i_letter else "e") for L in out)))
+        res.append((p_idx, tuple(bn[L] if L in bn else ("i" if L == i_letter else "e") for L in out)))
     return res
 
 
@@ -71,12 +87,8 @@ def _position_range(size):
 def analyze(n, writes):
     """Match and prove at the contraction n: a Match, None (not attention), or
     Unproven (a near miss, with the reason)."""
-    nd = len(shape(n))
-    names = _batch_names(nd - 2)
-    if names is None:
-        return None
     first_error = None
-    for p_idx, out_roles in _candidates(n, nd, names):
+    for p_idx, out_roles in _candidates(n):
         (a, ra), (b, rb), nc = contraction_roles(n, out_roles)
         if nc != 1:
             continue

@@ -27,8 +27,9 @@ class Builder:
             [val(n) for n in self.g.nodes if isinstance(val(n), torch.Tensor)])
         interp = match.interp
         q, rq, k, rk, _ = interp.scores
-        self.split = match.out_roles[:-2] == ("bh",) and interp.h_split is not None
-        if match.out_roles[:-2] == ("bh",) and not self.split:
+        names = tuple(r for r in match.out_roles[:-2] if r is not None)
+        self.split = names == ("bh",) and interp.h_split is not None
+        if names == ("bh",) and not self.split:
             self.batch = ["b", "bh"]  # B' = 1, H' = B*H
         else:
             self.batch = ["b", "h"]
@@ -310,8 +311,8 @@ def _operator_call(b, match):
     op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
     o = b.emit(operator.getitem, op, 0)
 
-    # back to the layout and dtype of the original output
-    names = match.out_roles[:-2]
+    # back to the layout and dtype of the original output (size-1 batch dims unsqueezed)
+    names = tuple(r for r in match.out_roles[:-2] if r is not None)
     if names == ("b", "h"):
         dims = ["b", "h", "i", "e"]
     elif names == ("bh",):
@@ -320,9 +321,12 @@ def _operator_call(b, match):
     else:
         o = b.emit(aten.squeeze.dims, o, [0, 1])
         dims = ["i", "e"]
-    perm = [dims.index(r) for r in match.out_roles]
+    perm = [dims.index(r) for r in match.out_roles if r is not None]
     if perm != list(range(len(perm))):
         o = b.emit(aten.permute.default, o, perm)
+    for d, r in enumerate(match.out_roles):
+        if r is None:
+            o = b.emit(aten.unsqueeze.default, o, d)
     want_dt = val(match.out).dtype
     if val(o) is not None and val(o).dtype != want_dt:
         o = b.emit(aten._to_copy.default, o, dtype=want_dt)

@@ -273,20 +273,21 @@ def _cumsum(it, n, roles):
         raise Unproven("cumsum over a dim that is not a position")
     x = it.ev(n.args[0], roles)
     other = "j" if r == "i" else "i"
-    if len(x) == 1 and _only_at(x[0][2], r) and other not in roles:
+    y = T.merge(x, keep_cuts=False)
+    if T.uniform(x) is not None and _only_at(T.uniform(x), r) and other not in roles:
         # a cumsum over positions of a per-position tensor a: C_r
         key = (n.args[0], tuple("t" if q in POS else q for q in roles), False)
         return T.pw_const(T.aff(0, {T.Cum(key, r): 1}))
     # the stable segment sum: x[i, j] = a_i * [i - j >= 1], summed over i
-    if r == "i" and len(x) == 2 and x[0][1] == 0 and x[0][2] == T.ZERO and x[1][0] == 1:
-        f = T.as_aff(x[1][2])
+    if r == "i" and len(y) == 2 and y[0][1] == 0 and y[0][2] == T.ZERO and y[1][0] == 1:
+        f = T.as_aff(y[1][2])
         if f is not None and T.is_number(f[0]) and f[0] == 0 and f[1] and not f[2] and not f[3] and \
                 all(isinstance(k, T.Leaf) and k.p == "i" for k in f[1]):
             atoms = {}
             for k, v in f[1].items():
                 atoms[T.Cum(k.key, "i")] = v
                 atoms[T.Cum(k.key, "j")] = T.cneg(v)
-            return [(-T.INF, 0, T.ZERO), (1, T.INF, T.aff(0, atoms))]
+            return [(-T.INF, -1, T.ZERO), (0, 0, T.ZERO), (1, T.INF, T.aff(0, atoms))]
     raise Unproven("cumsum of a masked value that is not a segment sum")
 
 

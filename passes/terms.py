@@ -721,8 +721,19 @@ def _two(lo, hi, cut, below, above):
 # ---------------------------------------------------------------- piecewise values
 
 
+# Pieces always break at the diagonal: above it (d <= -1), on it (d = 0), below it
+# (d >= 1).  A fact that holds on one side only (an exponential that overflows above
+# the diagonal, where the mask later discards it) is then decided there only.
+_FIXED_CUTS = (0, 1)
+
+
 def pw_const(t):
-    return [(-INF, INF, t)]
+    return [(-INF, -1, t), (0, 0, t), (1, INF, t)]
+
+
+def uniform(pw):
+    """The term of a piecewise value that is the same everywhere, or None."""
+    return pw[0][2] if all(t == pw[0][2] for _, _, t in pw) else None
 
 
 def _cuts(*pws):
@@ -750,10 +761,11 @@ def pw_map(fn, *pws):
     return merge(out)
 
 
-def merge(pw):
+def merge(pw, keep_cuts=True):
+    """Joins adjacent pieces with equal terms (not across the diagonal's cuts)."""
     out = []
     for p in pw:
-        if out and out[-1][2] == p[2]:
+        if out and out[-1][2] == p[2] and not (keep_cuts and p[0] in _FIXED_CUTS):
             out[-1] = (out[-1][0], p[1], p[2])
         else:
             out.append(p)

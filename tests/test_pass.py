@@ -167,7 +167,9 @@ class <lambda>(torch.nn.Module):
         unsqueeze_default: "f32[1, 2, 8, 4]" = torch.ops.aten.unsqueeze.default(permute_default, 0);  permute_default = None
         decay_attn_default = torch.ops.leet.decay_attn.default(q_1, unsqueeze_default, v_1, None, 1.0, None, False, 'auto', 'auto');  q_1 = unsqueeze_default = v_1 = None
         getitem: "f32[1, 2, 8, 4]" = decay_attn_default[0];  decay_attn_default = None
-        return getitem""")
+        squeeze_dims_1: "f32[2, 8, 4]" = torch.ops.aten.squeeze.dims(getitem, [0]);  getitem = None
+        unsqueeze_default_1: "f32[1, 2, 8, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_1, 0);  squeeze_dims_1 = None
+        return unsqueeze_default_1""")
 
     def test_retnet_pow(self):
         q, k, v = qkv(B=1, H=4, T=8, D=4)
@@ -210,7 +212,9 @@ class <lambda>(torch.nn.Module):
             expand_default: "f32[4]" = torch.ops.aten.expand.default(log_default_1, [4]);  log_default_1 = None
             decay_attn_default = torch.ops.leet.decay_attn.default(q_1, unsqueeze_default_2, v_1, expand_default, 1.0, None, False, 'auto', 'auto');  q_1 = unsqueeze_default_2 = v_1 = expand_default = None
             getitem: "f32[1, 4, 8, 4]" = decay_attn_default[0];  decay_attn_default = None
-            return (getitem,)
+            squeeze_dims_4: "f32[4, 8, 4]" = torch.ops.aten.squeeze.dims(getitem, [0]);  getitem = None
+            unsqueeze_default_3: "f32[1, 4, 8, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_4, 0);  squeeze_dims_4 = None
+            return (unsqueeze_default_3,)
     class leet_slow_0(torch.nn.Module):
         def forward(self, q_1: "f32[1, 4, 8, 4]", k_1: "f32[1, 4, 8, 4]", v_1: "f32[1, 4, 8, 4]", g_1: "f32[4]"):
             # No stacktrace found for following nodes
