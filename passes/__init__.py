@@ -36,6 +36,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     report = RewriteReport()
     graph = gm.graph
     order = _Order(graph)
+    fake_mode = _fake_mode(graph)
     changed = functionalize_fresh(graph, order)
     writes = Writes(order)
     for n in list(graph.nodes):
@@ -47,7 +48,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
                 continue
             emitted = []
             try:
-                scale, pre = build(gm, match, emitted, order)
+                scale, pre = build(gm, match, emitted, order, fake_mode)
             except Exception:
                 for x in reversed(emitted):  # a failed build leaves the graph as it was
                     if x.graph is graph and not x.users:
@@ -66,6 +67,18 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
         graph.lint()
         gm.recompile()
     return report
+
+
+def _fake_mode(graph):
+    """The graph's fake mode (found once: the search is linear in the graph)."""
+    from .graph import val
+
+    vals = [val(n) for n in graph.nodes if n.op == "placeholder"]
+    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is None:
+        vals = [val(n) for n in graph.nodes]
+        mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    return mode
 
 
 class _Order(dict):

@@ -274,7 +274,8 @@ def _unique_index(gm):
 
 
 def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_out: Node,
-          preconditions: list[Node], slow_nodes: list[Node], order=None, recompile=True) -> Node:
+          preconditions: list[Node], slow_nodes: list[Node], order=None, recompile=True,
+          fake_mode=None) -> Node:
     """Replaces the uses of ``anchor`` by
     ``torch.ops.higher_order.cond(all(preconditions), fast, slow, operands)[0]``.
 
@@ -336,7 +337,7 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     _check_no_input_mutation(fast, "fast")
     _check_no_input_mutation(slow, "slow")
 
-    fake_mode = _fake_mode(gm)
+    fake_mode = fake_mode if fake_mode is not None else _fake_mode(gm)
     stack_trace = anchor.meta.get("stack_trace")
     # Only where a backward will run through the cond (never in inference graphs)
     memo = {}

@@ -19,12 +19,11 @@ class Builder:
     """Emits nodes before ``anchor``; every new node gets meta["val"] (fake
     propagation) and the anchor's stack trace."""
 
-    def __init__(self, gm, match):
+    def __init__(self, gm, match, fake_mode):
         self.g = gm.graph
         self.m = match
         self.anchor = match.out
-        self.fake_mode = torch._guards.detect_fake_mode(
-            [val(n) for n in self.g.nodes if isinstance(val(n), torch.Tensor)])
+        self.fake_mode = fake_mode
         interp = match.interp
         q, rq, k, rk, _ = interp.scores
         names = tuple(r for r in match.out_roles[:-2] if r is not None)
@@ -157,13 +156,13 @@ class Builder:
         return self.emit(aten._to_copy.default, x, dtype=dtype)
 
 
-def build(gm, match, emitted, order=None):
+def build(gm, match, emitted, order=None, fake_mode=None):
     """Inserts the operator call for ``match`` (guarded when the proof assumed facts
     about values) and redirects the users of the site's output.  Returns
     (scale, preconditions as text)."""
     import leet_compile.ops  # noqa: F401  (registers torch.ops.leet)
 
-    b = Builder(gm, match)
+    b = Builder(gm, match, fake_mode)
     b.emitted = emitted
     for size, cap in match.length_checks:
         _assert_length(b, size, cap)
@@ -180,7 +179,8 @@ def build(gm, match, emitted, order=None):
         from .guard import guard
 
         fast = b.emitted[n_pre:]
-        guard(gm, match.out, fast, o, [pred], _original_nodes(match, fast), order=order, recompile=False)
+        guard(gm, match.out, fast, o, [pred], _original_nodes(match, fast), order=order, recompile=False,
+              fake_mode=fake_mode)
     return scale, described
 
 
