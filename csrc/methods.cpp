@@ -294,13 +294,14 @@ namespace {
 // Serves every device that has no kernel of its own, with the ATen methods.
 std::tuple<Tensor, Tensor> decay_attn_any_device(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
+    std::optional<double> scale, const std::optional<Tensor>& initial_state, bool output_final_state,
     const std::string& method, const std::string& backend) {
   check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);
   TORCH_CHECK_VALUE(
       backend == "auto" || backend == "aten", "decay_attn: backend '", backend,
       "' has no kernel for tensors on ", q.device(), " (use backend='auto' or 'aten')");
-  return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, method);
+  return decay_attn_aten(q, k, v, log_decay, resolve_scale(scale, q.size(3)), initial_state,
+                         output_final_state, method);
 }
 
 }  // namespace

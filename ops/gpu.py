@@ -26,7 +26,10 @@ _CUDA_OP = "leet::_decay_attn_cuda"
 # method="auto" with backend auto/triton: token by token up to this length (decoding,
 # short prompts), chunks beyond.
 RECURRENT_MAX_T = 16
+# What the GPU kernels implement (the "triton" / "cuda" rows of the backend table in
+# csrc/contract.cpp; tests/test_op_edges.py checks that they agree).
 _TRITON_METHODS = ("auto", "chunked", "recurrent")
+CUDA_MAX_HEAD_DIM = 256
 
 
 @functools.cache
@@ -57,58 +60,41 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(_CUDA_OP, "CUDA")
 
 
+def auto_method(T):
+    """The GPU kernels' method for method="auto": token by token up to RECURRENT_MAX_T
+    (decoding, short prompts), chunks beyond. The one GPU policy (Triton and CUDA)."""
+    return "recurrent" if T <= RECURRENT_MAX_T else "chunked"
+
+
 def select(q, k, v, method, backend):
     """The implementation for a call on GPU tensors: ("triton" | "cuda" | "aten", method).
 
-    Raises ValueError for a backend that cannot serve the call, naming the fix.
+    The arguments are checked first, by the contract (csrc/contract.cpp: devices,
+    methods, dtypes, head dims, kernels built); this is the policy. It raises only what
+    the contract cannot know: backend='triton' without the triton package.
     """
     B, H, T, K = q.shape
     V = v.shape[3]
     float64 = compute_dtype(q, k, v) == torch.float64
     degenerate = B * H * K * V == 0  # nothing to launch; ATen handles empty shapes
+    resolved = auto_method(T) if method == "auto" else method
     if backend == "aten":
         return "aten", method
-    if backend == "cpu":
-        raise ValueError(
-            f"decay_attn: backend 'cpu' needs CPU tensors; q is on {q.device} "
-            "(use backend='auto', 'triton', 'cuda' or 'aten')"
-        )
     if backend == "cuda":
-        if not has_cuda_kernels():
-            raise ValueError(
-                "decay_attn: backend 'cuda' needs the C++ CUDA kernels (csrc/cuda, "
-                "torch.ops.leet._decay_attn_cuda), which this build of leet_compile lacks; "
-                "rebuild with nvcc and a CUDA torch (`pip install --no-build-isolation -e .`), "
-                "or use backend='auto', 'triton' or 'aten'"
-            )
-        if method not in _TRITON_METHODS:
-            raise ValueError(
-                f"decay_attn: backend 'cuda' implements methods 'chunked' and 'recurrent', got '{method}' "
-                "(use backend='aten' or 'auto')"
-            )
-        return "cuda", "chunked" if method == "auto" else method
-    auto_method = "recurrent" if T <= RECURRENT_MAX_T else "chunked"
+        return "cuda", resolved
     if backend == "triton":
         if not triton_available():
             raise ValueError(
                 "decay_attn: backend 'triton' needs the triton package (`pip install triton`); "
                 "use backend='aten' or 'auto'"
             )
-        if method not in _TRITON_METHODS:
-            raise ValueError(
-                f"decay_attn: backend 'triton' implements methods 'chunked' and 'recurrent', got '{method}' "
-                "(use backend='aten' or 'auto')"
-            )
-        if float64:
-            raise ValueError(
-                "decay_attn: backend 'triton' computes in float32; float64 inputs need backend='aten' or 'auto'"
-            )
-        if degenerate:
-            return "aten", method
-        return "triton", auto_method if method == "auto" else method
-    # backend == "auto"
-    if triton_available() and method in _TRITON_METHODS and not float64 and not degenerate:
-        return "triton", auto_method if method == "auto" else method
+        return ("aten", method) if degenerate else ("triton", resolved)
+    # backend == "auto": Triton, else the C++ CUDA kernels, else ATen
+    if method in _TRITON_METHODS and not degenerate:
+        if triton_available() and not float64:
+            return "triton", resolved
+        if has_cuda_kernels() and K <= CUDA_MAX_HEAD_DIM:
+            return "cuda", resolved
     return "aten", method
 
 

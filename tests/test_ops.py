@@ -265,7 +265,7 @@ def test_backend_errors():
     q, k, v, a, _ = make_inputs(T=5)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         decay_attn(q, k, v, a, backend="triton")
-    with pytest.raises(ValueError, match="implements method 'chunked' only"):
+    with pytest.raises(ValueError, match="backend 'cpu' implements methods auto, chunked; got 'fleet'"):
         decay_attn(q, k, v, a, method="fleet", backend="cpu")
 
 

@@ -247,16 +247,11 @@ namespace {
 // methods; "auto" takes the fused kernel for the chunked method, the rest from aten.
 std::tuple<Tensor, Tensor> decay_attn_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
+    std::optional<double> scale_arg, const std::optional<Tensor>& initial_state, bool output_final_state,
     const std::string& method, const std::string& backend) {
-  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);
-  TORCH_CHECK_VALUE(
-      backend == "auto" || backend == "aten" || backend == "cpu", "decay_attn: backend '", backend,
-      "' needs CUDA tensors; q is on cpu (use backend='auto', 'cpu' or 'aten')");
+  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);  // backend rules included
+  const double scale = resolve_scale(scale_arg, q.size(3));
   const bool chunked = method == "auto" || method == "chunked";
-  TORCH_CHECK_VALUE(
-      chunked || backend != "cpu", "decay_attn: backend 'cpu' implements method 'chunked' only, got '",
-      method, "' (use backend='aten' or 'auto')");
   // The fused kernel needs no special case for empty problems; ATen handles them.
   if (backend == "aten" || !chunked || q.numel() == 0 || v.numel() == 0) {
     return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, method);
