@@ -247,6 +247,36 @@ void check_step_inputs(
   }
 }
 
+// method="auto" on a GPU kernel: token by token up to this length (decoding, short
+// prompts), chunks beyond.
+constexpr int64_t kRecurrentMaxT = 16;
+
+bool triton_kernels_registered() { return has_cuda_kernel("leet::_decay_attn_triton"); }
+
+GpuPlan gpu_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& method,
+                 const std::string& backend, bool triton) {
+  const bool float64 = compute_dtype(q, k, v) == at::kDouble;
+  const bool degenerate =
+      q.sym_size(0) * q.sym_size(1) * q.sym_size(3) * v.sym_size(3) == 0;  // nothing to launch
+  const std::string resolved =
+      method != "auto" ? method : (q.sym_size(2) <= kRecurrentMaxT ? "recurrent" : "chunked");
+  if (backend == "aten") return {0, method};
+  if (backend == "cuda") return {2, resolved};
+  if (backend == "triton") {
+    TORCH_CHECK_VALUE(
+        triton, "decay_attn: backend 'triton' needs the triton package (`pip install triton`) and the "
+        "leet_compile Python package imported; use backend='aten' or 'auto'");
+    return degenerate ? GpuPlan{0, method} : GpuPlan{1, resolved};
+  }
+  // "auto": Triton, else the C++ CUDA kernels, else ATen (for what the kernels implement).
+  const BackendRow& triton_row = kBackends[3];
+  if (!degenerate && in_list(method, triton_row.methods)) {
+    if (triton && !float64) return {1, resolved};
+    if (has_cuda_kernel("leet::_decay_attn_cuda") && q.sym_size(3) <= kCudaMaxHeadDim) return {2, resolved};
+  }
+  return {0, method};
+}
+
 namespace {
 
 // The check ops: what the fake kernels call (metadata only; no outputs).
@@ -264,9 +294,24 @@ void check_step_op(
                     name == "decay_attn_step_");
 }
 
+// The GPU policy for Python (ops/gpu.py select()): impl * 8 + the method's index in kMethods.
+int64_t gpu_plan_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view method,
+                    c10::string_view backend, bool triton) {
+  const auto plan = gpu_plan(q, k, v, std::string(method), std::string(backend), triton);
+  int64_t index = 0;
+  for (int64_t i = 0; i < 6; ++i) {
+    if (plan.method == kMethods[i]) index = i;
+  }
+  return plan.impl * 8 + index;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(leet, m) {
+  // The GPU policy (see gpu_plan), for ops/gpu.py: impl * 8 + method index.
+  m.def(
+      "_decay_attn_gpu_plan(Tensor q, Tensor k, Tensor v, str method, str backend, bool triton) -> int",
+      &gpu_plan_op);
   // Raise exactly the error the op's kernels would raise for these arguments (or return).
   m.def(
       "_check_decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? initial_state, "

@@ -40,6 +40,18 @@ void check_step_inputs(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& state, bool in_place);
 
+// The GPU policy (the one "auto" for CUDA tensors): which implementation serves a
+// checked call, and with which method. `triton` says whether the Triton kernels are
+// registered (leet::_decay_attn_triton has a CUDA kernel: the Python package and
+// triton are present). impl: 0 ATen methods, 1 Triton, 2 the C++ CUDA kernels.
+struct GpuPlan {
+  int impl;
+  std::string method;
+};
+GpuPlan gpu_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& method,
+                 const std::string& backend, bool triton);
+bool triton_kernels_registered();
+
 // scale=None means K^-0.5 (as in SDPA and flash-linear-attention).
 double resolve_scale(std::optional<double> scale, int64_t K);
 

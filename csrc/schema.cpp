@@ -17,6 +17,12 @@ TORCH_LIBRARY(leet, m) {
   m.def(
       "_decay_attn_cuda(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
       "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
+  // The Triton kernels (ops/triton_kernels.py), whose CUDA kernel the Python package
+  // registers when triton is installed; decay_attn's CUDA kernel (csrc/gpu_dispatch.cpp)
+  // calls it for backend "triton" (and "auto"). method: "chunked" or "recurrent".
+  m.def(
+      "_decay_attn_triton(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
+      "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
   // One decoding step: state = exp(log_decay) * state + k^T v; o = scale * q state.
   m.def(
       "decay_attn_step(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor state, "

@@ -7,6 +7,8 @@ the fake kernel calls the same checks as the kernels, through the check op
 """
 import torch
 
+from . import _torch_private as private
+
 METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
 BACKENDS = ("auto", "aten", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -148,7 +150,7 @@ class DecayAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+        with private.below_autograd():  # this Function is the autograd
             return torch.ops.leet.decay_attn.default(*args)
 
     setup_context = staticmethod(_setup_context)
@@ -165,7 +167,7 @@ class DecayAttnFunction(torch.autograd.Function):
 def call_decay_attn(*args):
     """torch.ops.leet.decay_attn(*args), through DecayAttnFunction while a torch.func
     transform is active."""
-    if torch._C._are_functorch_transforms_active():
+    if private.functorch_transforms_active():
         return DecayAttnFunction.apply(*args)
     return torch.ops.leet.decay_attn.default(*args)
 

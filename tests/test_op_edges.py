@@ -398,3 +398,77 @@ def test_dynamic_shapes_compile():
     for T in (11, 23):
         q, k, v, a, _ = make_inputs(B=1, H=2, T=T, K=4, V=4, decay="position")
         assert rel_err(f(q, k, v, a), decay_attn_reference(q, k, v, a, 0.5)[0]) < 1e-5
+
+
+# ---------------------------------------------------------------- torch-private APIs, one test each
+
+
+def test_private_below_autograd():
+    from leet_compile.ops import _torch_private as private
+
+    x = torch.ones(2, requires_grad=True)
+    with private.below_autograd():
+        y = x * 2
+    assert not y.requires_grad
+
+
+def test_private_functorch_transforms_active():
+    from leet_compile.ops import _torch_private as private
+
+    assert not private.functorch_transforms_active()
+    seen = []
+    torch.func.grad(lambda x: (seen.append(private.functorch_transforms_active()), x.sum())[1])(torch.ones(2))
+    assert seen == [True]
+
+
+def test_private_has_kernel():
+    from leet_compile.ops import _torch_private as private
+
+    assert private.has_kernel("leet::decay_attn", "CPU")
+    assert private.has_kernel("leet::decay_attn", "CUDA")  # C++ (csrc/gpu_dispatch.cpp), any build
+    assert not private.has_kernel("leet::decay_attn_step", "CUDA")  # composite, no CUDA-specific kernel
+
+
+def test_private_has_fake_impl():
+    from leet_compile.ops import _torch_private as private
+
+    assert private.has_fake_impl("leet::decay_attn") and private.has_fake_impl("leet::_decay_attn_cuda")
+    assert not private.has_fake_impl("leet::no_such_op")
+
+
+def test_private_functional_tensor_mode_and_types():
+    from leet_compile.ops import _torch_private as private
+
+    mode = private.functional_tensor_mode()
+    assert isinstance(mode, type) and mode.__name__ == "FunctionalTensorMode"
+    types = private.plain_tensor_types()
+    assert types[0] is torch.Tensor and issubclass(types[1], torch.Tensor) and issubclass(types[2], torch.Tensor)
+
+
+def test_private_triton_decomposition_disabled():
+    from leet_compile.ops import _torch_private as private
+
+    assert private.triton_decomposition_disabled() is False
+
+
+def test_private_list_triton_kernels():
+    from leet_compile.ops import _torch_private as private
+    import torch._library.triton as triton_library
+
+    private.list_triton_kernels("leet::_test_only", ["k1"])
+    try:
+        assert triton_library.get_triton_kernels_for_op("leet::_test_only") == ["k1"]
+    finally:
+        triton_library.triton_ops_to_kernels.pop("leet::_test_only", None)
+
+
+def test_no_other_private_torch_use_in_ops():
+    """ops/ touches torch-private names only through ops/_torch_private.py."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(op_module.__file__).parent
+    pattern = re.compile(r"torch\._(?!check)|from torch\._")
+    offenders = [f"{p.name}:{i + 1}" for p in root.glob("*.py") if p.name != "_torch_private.py"
+                 for i, line in enumerate(p.read_text().splitlines()) if pattern.search(line)]
+    assert not offenders, offenders
