@@ -123,9 +123,10 @@ def _functional_rule(mode, func, types, args, kwargs):
     if unrecognized or private.triton_decomposition_disabled() or q.device.type != "cuda":
         return mode.__torch_dispatch__(func, types, args, kwargs)
     q, k, v, log_decay, scale, initial_state, output_final_state, method, backend = call
-    check_inputs(q, k, v, log_decay, initial_state, method, backend)
+    with mode:  # the check ops read metadata; under the mode they see through FunctionalTensor
+        check_inputs(q, k, v, log_decay, initial_state, method, backend)
+        impl, m = select(q, k, v, method, backend)
     scale = resolve_scale(scale, q.shape[-1])
-    impl, m = select(q, k, v, method, backend)
     if impl == "triton":
         with mode:
             return triton_kernels().decay_attn_fwd(

@@ -242,9 +242,9 @@ def test_fake_kernel_shapes_and_errors():
     assert (o.shape, o.dtype, s.shape, s.dtype) == ((2, 3, 7, 48), torch.bfloat16, (2, 3, 80, 48), torch.float32)
     o, s = op(q.double(), q, v, None, 1.0, None, False, "recurrent")
     assert o.dtype == torch.bfloat16 and s.shape == (0,) and s.dtype == torch.float64
-    with pytest.raises(ValueError, match="method must be 'auto', 'chunked' or 'recurrent'"):
+    with pytest.raises(ValueError, match="backend 'cuda' implements methods auto, chunked, recurrent; got 'fleet'"):
         op(q, q, v, None, 1.0, None, False, "fleet")
-    with pytest.raises(ValueError, match="head dim K must be at most 256"):
+    with pytest.raises(ValueError, match="backend 'cuda' takes head dim K at most 256, got 300"):
         big = torch.empty(1, 1, 3, 300, device="meta")
         op(big, big, big, None, 1.0, None, False, "auto")
     with pytest.raises(ValueError, match="log_decay must have shape"):
@@ -257,8 +257,9 @@ def test_fake_kernel_traces():
     def f(q, k, v, a, s0):
         return torch.ops.leet._decay_attn_cuda(q, k, v, a, 0.125, s0, True, "auto")
 
-    args = (torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 24),
-            torch.randn(1, 2, 9), torch.randn(1, 2, 16, 24))  # fmt: skip
+    # meta tensors: the contract's device rule (CUDA tensors) is for real devices only
+    args = tuple(torch.empty(*shape, device="meta")
+                 for shape in ((1, 2, 9, 16), (1, 2, 9, 16), (1, 2, 9, 24), (1, 2, 9), (1, 2, 16, 24)))
     gm = make_fx(f, tracing_mode="symbolic")(*args)
     assert "_decay_attn_cuda" in gm.code
     outs = [n for n in gm.graph.nodes if n.op == "call_function" and "_decay_attn_cuda" in str(n.target)]
