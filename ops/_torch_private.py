@@ -20,6 +20,13 @@ def functorch_transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad dual level is open (dual tensors may flow)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    return forward_ad._current_level >= 0
+
+
 def has_kernel(qualname: str, dispatch_key: str) -> bool:
     """Whether the dispatcher has a kernel of `qualname` ("leet::op") for `dispatch_key`."""
     import torch

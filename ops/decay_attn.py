@@ -153,21 +153,60 @@ class DecayAttnFunction(torch.autograd.Function):
         with private.below_autograd():  # this Function is the autograd
             return torch.ops.leet.decay_attn.default(*args)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        q, k, v, log_decay, _, initial_state = inputs[:6]
+        ctx.save_for_forward(q, k, v, log_decay, initial_state, output[0], output[1])
+
     backward = staticmethod(_backward)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "leet.decay_attn: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-            "supported; use reverse mode (torch.func.grad / vjp, or .backward())"
-        )
+    def jvp(ctx, dq, dk, dv, da, _scale, ds0, *_rest):
+        return _jvp(ctx, dq, dk, dv, da, ds0)
+
+
+# Forward-mode AD. o is linear in each of q, k, v and the initial state, so their
+# tangents are decay_attn calls with the tangent in place of the input. For the log
+# decay, with D the tangent of the cumulative log decay A (D_t = sum_{s <= t} da_s),
+# d w(i, j) = w(i, j) (D_i - D_j), hence
+#   do_i = D_i o_i - decay_attn(q, k, D * v)_i   and   dS = D_{T-1} S - its final state.
+# The final state does not depend on q.
+
+
+def _jvp(ctx, dq, dk, dv, da, ds0):
+    q, k, v, log_decay, s0, o, sf = ctx.saved_tensors
+    scale, method, backend, final = ctx.scale, ctx.method, ctx.backend, ctx.output_final_state
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    dt = compute_dtype(q, k, v)
+
+    def run(q_, k_, v_, s0_):
+        return call_decay_attn(q_, k_, v_, log_decay, scale, s0_, final, method, backend)
+
+    d_o = torch.zeros(B, H, T, V, dtype=dt, device=q.device)
+    d_s = torch.zeros(sf.shape, dtype=sf.dtype, device=q.device)
+    if dq is not None:
+        d_o = d_o + run(dq, k, v, s0)[0]
+    for term in (None if dk is None else (q, dk, v, None), None if dv is None else (q, k, dv, None),
+                 None if ds0 is None else (q, torch.zeros_like(k), torch.zeros_like(v), ds0)):
+        if term is not None:
+            o_t, s_t = run(*term)
+            d_o, d_s = d_o + o_t, d_s + s_t
+    if da is not None and log_decay is not None and T > 0:
+        D = _position_log_decay(da, B, H, T, dt).cumsum(-1)  # [B, H, T]
+        o_w, s_w = run(q, k, v * D.unsqueeze(-1).to(v.dtype), None)
+        d_o = d_o + D.unsqueeze(-1) * o - o_w
+        if final:
+            d_s = d_s + D[..., -1, None, None] * sf - s_w
+    return d_o.to(o.dtype), d_s
 
 
 def call_decay_attn(*args):
     """torch.ops.leet.decay_attn(*args), through DecayAttnFunction while a torch.func
-    transform is active."""
-    if private.functorch_transforms_active():
+    transform or a forward-AD dual level is active (the custom op's own autograd has no
+    forward mode: dual tensors would lose their tangents)."""
+    if private.functorch_transforms_active() or private.forward_ad_active():
         return DecayAttnFunction.apply(*args)
     return torch.ops.leet.decay_attn.default(*args)
 

@@ -283,10 +283,29 @@ def test_causal_linear_decoder_gamma_errors_name_gamma():
         leet_compile.causal_linear_decoder(q, k, v, True, torch.ones(2, 1), False)
 
 
-def test_forward_mode_ad_says_so():
-    q, k, v, a, _ = make_inputs(B=1, H=2, T=5, decay="head")
-    with pytest.raises(NotImplementedError, match="leet.decay_attn: forward-mode AD"):
-        torch.func.jvp(lambda q: decay_attn(q, k, v, a), (q,), (torch.ones_like(q),))
+@pytest.mark.parametrize("decay", ["head", "position"])
+@pytest.mark.parametrize("method,backend", [("auto", "auto"), ("recurrent", "aten")])
+def test_forward_mode_ad(decay, method, backend):
+    """torch.func.jvp: every tangent is itself a decay_attn (in float64, against the
+    recurrence's own forward-mode derivative)."""
+    q, k, v, a, s0 = make_inputs(B=1, H=2, T=23, K=4, V=3, decay=decay, state=True, dtype=torch.float64, seed=9)
+    a, s0 = a.double(), s0.double()
+    if decay == "position":
+        a[..., 5] = -INF  # a reset on the way
+    primals = (q, k, v, a, s0)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def ours(q, k, v, a, s0):
+        return decay_attn(q, k, v, a, scale=0.5, initial_state=s0, output_final_state=True,
+                          method=method, backend=backend)
+
+    def ref(q, k, v, a, s0):
+        aa = a.view(1, -1, 1).expand(1, 2, 23) if a.dim() == 1 else a
+        return _autograd_reference(q, k, v, aa, s0, 0.5)
+
+    (o, sf), (do, dsf) = torch.func.jvp(ours, primals, tangents)
+    (ro, rsf), (rdo, rdsf) = torch.func.jvp(ref, primals, tangents)
+    assert rel_err(o, ro) < 1e-12 and rel_err(do, rdo) < 1e-10 and rel_err(dsf, rdsf) < 1e-10
 
 
 # ---------------------------------------------------------------- 12. one contract: eager == fake == compiled
@@ -421,6 +440,27 @@ def test_private_functorch_transforms_active():
     assert seen == [True]
 
 
+def test_private_forward_ad_active():
+    import torch.autograd.forward_ad as fwAD
+    from leet_compile.ops import _torch_private as private
+
+    assert not private.forward_ad_active()
+    with fwAD.dual_level():
+        assert private.forward_ad_active()
+
+
+def test_dual_tensors_keep_their_tangents():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, a, _ = make_inputs(B=1, H=2, T=9, K=4, V=3, decay="head", dtype=torch.float64)
+    t = torch.randn_like(q)
+    with fwAD.dual_level():
+        o = decay_attn(fwAD.make_dual(q, t), k, v, a.double())
+        tangent = fwAD.unpack_dual(o).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, decay_attn(t, k, v, a.double()))  # linear in q
+
+
 def test_private_has_kernel():
     from leet_compile.ops import _torch_private as private
 
@@ -472,3 +512,16 @@ def test_no_other_private_torch_use_in_ops():
     offenders = [f"{p.name}:{i + 1}" for p in root.glob("*.py") if p.name != "_torch_private.py"
                  for i, line in enumerate(p.read_text().splitlines()) if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_step_errors_alike_under_compile():
+    q, k, v, a, _ = _step_args()
+    expanded = torch.zeros(1, 3, 4, 6).expand(2, 3, 4, 6)
+    with pytest.raises(ValueError) as eager:
+        torch.ops.leet.decay_attn_step_(q, k, v, a, expanded)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, a, s: torch.ops.leet.decay_attn_step_(q, k, v, a, s), backend="eager",
+                      fullgraph=True)
+    with pytest.raises(Exception) as traced:
+        f(q, k, v, a, expanded)
+    assert repr(eager.value) in str(traced.value)
