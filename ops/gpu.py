@@ -20,16 +20,12 @@ import importlib.util
 import torch
 
 from . import _torch_private as private
-from .decay_attn import check_inputs, compute_dtype, resolve_scale
+from .decay_attn import METHODS, check_inputs, compute_dtype, resolve_scale
 
 _OP = "leet::decay_attn"
 _CUDA_OP = "leet::_decay_attn_cuda"
 _TRITON_OP = "leet::_decay_attn_triton"
-# What the GPU kernels implement (the "triton" / "cuda" rows of the backend table in
-# csrc/contract.cpp; tests/test_op_edges.py checks that they agree).
-_TRITON_METHODS = ("auto", "chunked", "recurrent")
-_IMPLS = ("aten", "triton", "cuda")
-_METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")  # kMethods' order
+_IMPLS = ("aten", "triton", "cuda")  # gpu_plan's impl codes (csrc/decay_attn.h)
 
 
 @functools.cache
@@ -65,7 +61,7 @@ def select(q, k, v, method, backend):
     for a call the contract accepted; it raises only for backend='triton' without triton.
     """
     code = torch.ops.leet._decay_attn_gpu_plan(q, k, v, method, backend, triton_available())
-    return _IMPLS[code // 8], _METHODS[code % 8]
+    return _IMPLS[code // 8], METHODS[code % 8]
 
 
 def decay_attn_gpu(q, k, v, log_decay=None, scale=None, initial_state=None, output_final_state=False,

@@ -344,19 +344,29 @@ def test_eager_fake_and_compiled_fail_alike(args, kwargs, match):
     assert repr(eager.value) in str(traced.value)
 
 
-def test_gpu_policy_agrees_with_the_backend_table():
-    """ops/gpu.py's list of what the GPU kernels implement is the table's triton row."""
+def test_gpu_policy_is_the_cpp_one():
+    """ops/gpu.py's select() is a binding of gpu_plan (csrc/contract.cpp), and the method
+    codes it decodes follow the contract's list of methods."""
     from leet_compile.ops import gpu
 
-    # metadata-only checks: a meta tensor skips device rules but keeps method rules
+    with pytest.raises(ValueError) as err:
+        op_module.check_inputs(*[torch.empty(1, 1, 1, 1)] * 3, None, None, "?", "auto")
+    assert str(err.value).endswith("expected one of " + ", ".join(leet_compile.METHODS))
+    q = torch.empty(1, 2, 40, 8)
+    assert gpu.select(q, q, q, "auto", "aten") == ("aten", "auto")
+    assert gpu.select(q[:, :, :16], q[:, :, :16], q[:, :, :16], "auto", "cuda") == ("cuda", "recurrent")
+    assert gpu.select(q, q, q, "auto", "cuda") == ("cuda", "chunked")
+    assert gpu.select(q, q, q, "fleet", "auto") == ("aten", "fleet")
+    # meta tensors: the rules without the device ones; the table's GPU rows
     x = torch.empty(1, 2, 5, 4, device="meta")
-    for method in leet_compile.METHODS:
-        ok = True
-        try:
-            op_module.check_inputs(x, x, x, None, None, method, "triton")
-        except ValueError:
-            ok = False
-        assert ok == (method in gpu._TRITON_METHODS), method
+    for backend in ("triton", "cuda"):
+        for method in leet_compile.METHODS:
+            ok = True
+            try:
+                op_module.check_inputs(x, x, x, None, None, method, backend)
+            except ValueError:
+                ok = False
+            assert ok == (method in ("auto", "chunked", "recurrent")), (backend, method)
 
 
 # ---------------------------------------------------------------- 13. scale=None and the fla layout
