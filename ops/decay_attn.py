@@ -34,7 +34,7 @@ def check_inputs(q, k, v, log_decay, initial_state, method, backend):
 
 @torch.library.register_fake("leet::decay_attn")
 def _decay_attn_fake(
-    q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False, method="auto", backend="auto"
+    q, k, v, log_decay=None, scale=None, initial_state=None, output_final_state=False, method="auto", backend="auto"
 ):
     # Defaults as in the schema: the fake-tensor dispatch drops trailing arguments equal to their defaults.
     check_inputs(q, k, v, log_decay, initial_state, method, backend)
