@@ -269,3 +269,36 @@ def test_fake_kernel_traces():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The Triton kernels (ops/triton_kernels.py) compile to PTX for sm_90 without a GPU:
+    the interpreter (tests/test_triton.py) checks their arithmetic, this checks that the
+    compiler accepts them (float64 prefix sums, the non-finite branch and its loop)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter replaces the kernels")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from leet_compile.ops import triton_kernels as tk
+
+    meta = ("DECAY", "HAS_S0", "STORE_ST", "PRECISION", "F32_DOTS", "BK", "BT", "BV")
+    for kernel, dtype in ((tk.chunked_fwd_kernel, "fp32"), (tk.chunked_fwd_kernel, "bf16"),
+                          (tk.recurrent_fwd_kernel, "fp32")):
+        fn = kernel.fn  # the autotuner's JITFunction
+        consts = dict(DECAY=1, HAS_S0=1, STORE_ST=1, BK=64, BV=64)
+        if "BT" in fn.arg_names:
+            consts.update(BT=64, PRECISION="ieee" if dtype == "fp32" else "tf32", F32_DOTS=dtype == "fp32")
+        sig = {}
+        for name in fn.arg_names:
+            if name in meta:
+                sig[name] = "constexpr"
+            elif name in ("q", "k", "v", "o"):
+                sig[name] = f"*{dtype}"
+            elif name in ("a", "s0", "sT"):
+                sig[name] = "*fp32"
+            else:
+                sig[name] = "fp32" if name == "scale" else "i64"
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["ptx"]
