@@ -4,11 +4,12 @@
 
 TORCH_LIBRARY(leet, m) {
   // O = scale * ((Q K^T) * D) V with D[i, j] = exp(sum_{t=j+1..i} log_decay[t]) for j <= i.
+  // scale=None (the default) means K^-0.5, as in SDPA and flash-linear-attention.
   // Returns (o, final_state); final_state is an empty tensor unless output_final_state.
   // `method` is the algorithm (auto, naive, recurrent, chunked, fleet, recursive);
   // `backend` the implementation (auto, aten, cpu, triton, cuda).
   m.def(
-      "decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay=None, float scale=1.0, "
+      "decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay=None, float? scale=None, "
       "Tensor? initial_state=None, bool output_final_state=False, str method=\"auto\", "
       "str backend=\"auto\") -> (Tensor, Tensor)");
   // The CUDA C++ kernels (csrc/cuda; registered only in CUDA builds), reached through
@@ -16,12 +17,18 @@ TORCH_LIBRARY(leet, m) {
   m.def(
       "_decay_attn_cuda(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
       "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
+  // The Triton kernels (ops/triton_kernels.py), whose CUDA kernel the Python package
+  // registers when triton is installed; decay_attn's CUDA kernel (csrc/gpu_dispatch.cpp)
+  // calls it for backend "triton" (and "auto"). method: "chunked" or "recurrent".
+  m.def(
+      "_decay_attn_triton(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
+      "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
   // One decoding step: state = exp(log_decay) * state + k^T v; o = scale * q state.
   m.def(
       "decay_attn_step(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor state, "
-      "float scale=1.0) -> (Tensor, Tensor)");
+      "float? scale=None) -> (Tensor, Tensor)");
   // The same step, updating `state` in place (serving loops without allocation).
   m.def(
       "decay_attn_step_(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor(a!) state, "
-      "float scale=1.0) -> Tensor");
+      "float? scale=None) -> Tensor");
 }

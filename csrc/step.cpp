@@ -3,8 +3,8 @@
 // per (b, h): O(K V) work whatever the context length, and no host synchronisation
 // (no .item(), no data-dependent shapes), so a decode loop can be captured in a
 // CUDA graph. Written with ATen ops and registered as CompositeExplicitAutograd, so
-// it runs on any device and from a C++ AOTInductor runner. ops/step.py mirrors the
-// argument checks (same rules, same messages) for the fake path.
+// it runs on any device and from a C++ AOTInductor runner. Its argument rules are in
+// csrc/contract.cpp, shared with the fake kernels.
 #include "decay_attn.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,59 +17,6 @@ namespace leet {
 namespace {
 
 using at::Tensor;
-
-void check_step_inputs(
-    const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-    const std::optional<Tensor>& log_decay, const Tensor& state) {
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be a 3-D tensor [B, H, K], got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 3, op, ": k must be a 3-D tensor [B, H, K], got shape ", k.sizes());
-  TORCH_CHECK_VALUE(v.dim() == 3, op, ": v must be a 3-D tensor [B, H, V], got shape ", v.sizes());
-  const std::pair<const char*, const Tensor*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK_TYPE(
-        is_supported_float(t->scalar_type()), op, ": ", name,
-        " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-        t->scalar_type());
-  }
-  const auto B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
-  TORCH_CHECK_VALUE(
-      k.sizes() == q.sizes(), op, ": k must have the shape of q [B, H, K] = ", q.sizes(), ", got ",
-      k.sizes());
-  TORCH_CHECK_VALUE(
-      v.size(0) == B && v.size(1) == H, op, ": v must have shape [B, H, V] with [B, H] = [", B,
-      ", ", H, "] as q, got ", v.sizes());
-  TORCH_CHECK_TYPE(
-      state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble, op,
-      ": state must be float32 (or float64), got ", state.scalar_type());
-  TORCH_CHECK_VALUE(
-      state.dim() == 4 && state.size(0) == B && state.size(1) == H && state.size(2) == K &&
-          state.size(3) == V,
-      op, ": state must have shape [B, H, K, V] = [", B, ", ", H, ", ", K, ", ", V, "], got ",
-      state.sizes());
-  if (log_decay.has_value()) {
-    const auto& a = *log_decay;
-    TORCH_CHECK_TYPE(
-        is_supported_float(a.scalar_type()), op,
-        ": log_decay must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-        a.scalar_type());
-    const bool per_head = a.dim() == 1 && a.size(0) == H;
-    const bool per_batch_head = a.dim() == 2 && a.size(0) == B && a.size(1) == H;
-    TORCH_CHECK_VALUE(
-        per_head || per_batch_head, op, ": log_decay must have shape [H] = [", H, "] or [B, H] = [",
-        B, ", ", H, "], got ", a.sizes());
-  }
-  const std::pair<const char*, const Tensor*> others[] = {{"k", &k}, {"v", &v}, {"state", &state}};
-  for (const auto& [name, t] : others) {
-    TORCH_CHECK_VALUE(
-        t->device() == q.device(), op, ": all tensors must be on one device, but q is on ",
-        q.device(), " and ", name, " is on ", t->device());
-  }
-  if (log_decay.has_value()) {
-    TORCH_CHECK_VALUE(
-        log_decay->device() == q.device(), op, ": all tensors must be on one device, but q is on ",
-        q.device(), " and log_decay is on ", log_decay->device());
-  }
-}
 
 // exp(log_decay) as [1 or B, H, 1, 1] in the state's dtype (undefined without decay).
 Tensor step_gamma(const std::optional<Tensor>& log_decay, const Tensor& state) {
@@ -94,8 +41,9 @@ Tensor read_out(const Tensor& q, const Tensor& S, double scale, at::ScalarType o
 
 std::tuple<Tensor, Tensor> decay_attn_step(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    const Tensor& state, double scale) {
-  check_step_inputs("decay_attn_step", q, k, v, log_decay, state);
+    const Tensor& state, std::optional<double> scale_arg) {
+  check_step_inputs("decay_attn_step", q, k, v, log_decay, state, /*in_place=*/false);
+  const double scale = resolve_scale(scale_arg, q.size(2));
   // A fresh contiguous state (the fake kernel promises contiguous results).
   auto S = at::empty(state.sizes(), state.options().memory_format(at::MemoryFormat::Contiguous));
   auto gamma = step_gamma(log_decay, state);
@@ -107,8 +55,9 @@ std::tuple<Tensor, Tensor> decay_attn_step(
 
 Tensor decay_attn_step_(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    const Tensor& state, double scale) {
-  check_step_inputs("decay_attn_step_", q, k, v, log_decay, state);
+    const Tensor& state, std::optional<double> scale_arg) {
+  check_step_inputs("decay_attn_step_", q, k, v, log_decay, state, /*in_place=*/true);
+  const double scale = resolve_scale(scale_arg, q.size(2));
   Tensor S = state;  // same storage: every update below is in place
   auto gamma = step_gamma(log_decay, state);
   if (gamma.defined()) S.mul_(gamma);
@@ -122,7 +71,7 @@ Tensor decay_attn_step_(
 // autograd it runs the kernel above (inner in-place ops still bump `state`'s version).
 Tensor decay_attn_step_autograd(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    const Tensor& state, double scale) {
+    const Tensor& state, std::optional<double> scale) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (q.requires_grad() || k.requires_grad() || v.requires_grad() || state.requires_grad() ||

@@ -19,11 +19,12 @@ def decay_attn(
     v: torch.Tensor,
     log_decay: torch.Tensor | None = None,
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     method: str = "auto",
     backend: str = "auto",
+    layout: str = "bhtd",
 ):
     """Exponentially decaying causal linear attention.
 
@@ -41,21 +42,41 @@ def decay_attn(
         log_decay: natural-log decay. ``None`` (no decay), ``[H]`` (per head,
             gamma_h = exp(log_decay[h])) or ``[B, H, T]`` (per position, data-dependent
             gates). Any finite value; positive values make weights grow.
-        scale: multiplies the output (e.g. ``K ** -0.5``).
+        scale: multiplies the output; ``None`` (the default, as in SDPA and
+            flash-linear-attention) means ``K ** -0.5``.
         initial_state: ``[B, H, K, V]`` state entering position 0.
         output_final_state: also return the state after the last position.
         method: the algorithm, one of :data:`METHODS`; ``"auto"`` picks by device and shape.
         backend: the implementation, one of :data:`BACKENDS`: ``"aten"`` (every method,
             any device, written with ATen ops), ``"cpu"`` (the fused CPU kernel, chunked),
             ``"triton"`` / ``"cuda"`` (GPU kernels); ``"auto"`` picks the fastest available.
+        layout: ``"bhtd"`` (the default: heads first, ``[B, H, T, D]``) or ``"bthd"``
+            (time first, ``[B, T, H, D]``, the layout of flash-linear-attention's
+            ``head_first=False``): q, k, v are then ``[B, T, H, K/V]``, a per-position
+            ``log_decay`` is ``[B, T, H]`` and ``o`` is returned as ``[B, T, H, V]``.
+            Nothing is copied to change layout: the op reads the inputs in place through
+            their strides, and ``o`` is a transposed view of the op's output.
+            States are ``[B, H, K, V]`` in both layouts.
 
     Returns:
         ``o`` of shape ``[B, H, T, V]`` in v's dtype, or ``(o, final_state)`` with
         ``final_state`` of shape ``[B, H, K, V]`` (float32; float64 for float64 inputs).
     """
+    if layout not in ("bhtd", "bthd"):
+        raise ValueError(f"decay_attn: layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), got {layout!r}")
+    if layout == "bthd":  # views: the op reads through strides
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"decay_attn: with layout='bthd', {name} must be a 4-D tensor [B, T, H, D], "
+                                 f"got {getattr(t, 'shape', t)}")
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if log_decay is not None and log_decay.dim() == 3:
+            log_decay = log_decay.transpose(1, 2)
     o, state = call_decay_attn(
         q, k, v, log_decay, scale, initial_state, output_final_state, method, backend
     )
+    if layout == "bthd":
+        o = o.transpose(1, 2)
     return (o, state) if output_final_state else o
 
 
@@ -66,7 +87,7 @@ def decay_attn_step(
     log_decay: torch.Tensor | None = None,
     state: torch.Tensor | None = None,
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
 ):
     """One decoding step of :func:`decay_attn`: O(K V) per head, whatever the context length.
 
@@ -83,13 +104,14 @@ def decay_attn_step(
         q, k: ``[B, H, K]``; v: ``[B, H, V]`` (the current token), any float dtype.
         log_decay: ``None``, ``[H]`` (per head) or ``[B, H]`` (this token's gate).
         state: ``[B, H, K, V]`` float32 (or float64); ``None`` means zeros.
-        scale: multiplies the output.
+        scale: multiplies the output; ``None`` (the default) means ``K ** -0.5``, as
+            in :func:`decay_attn`.
 
     Returns:
         ``(o, new_state)``: ``o`` ``[B, H, V]`` in v's dtype, ``new_state`` a new
         ``[B, H, K, V]`` tensor in the state's dtype (``state`` is not modified).
     """
-    if state is None:
+    if state is None and isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == 3 and v.dim() == 3:
         state = q.new_zeros((*q.shape[:2], q.shape[-1], v.shape[-1]), dtype=compute_dtype(q, k, v))
     return torch.ops.leet.decay_attn_step(q, k, v, log_decay, state, scale)
 
@@ -101,7 +123,7 @@ def decay_attn_step_(
     log_decay: torch.Tensor | None,
     state: torch.Tensor,
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """In-place :func:`decay_attn_step`: updates ``state`` ([B, H, K, V] float32) to
     ``exp(log_decay) * state + k^T v`` without allocating a new state and returns

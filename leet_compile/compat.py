@@ -50,11 +50,15 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     log_decay = None
     if gamma is not None:
         gamma = torch.as_tensor(gamma, device=q.device)
+        if not torch.is_floating_point(gamma):
+            gamma = gamma.float()
+        heads = q.shape[1] if q.dim() == 4 else None
+        if gamma.dim() != 1 or (heads is not None and gamma.shape[0] != heads):
+            raise ValueError(f"causal_linear_decoder: gamma must have shape [heads] = [{heads}], "
+                             f"got {list(gamma.shape)}")
         if is_need_exp:
             log_decay = -gamma
         else:
-            if not torch.is_floating_point(gamma):
-                gamma = gamma.float()
             if (gamma <= 0).any():
                 raise ValueError("causal_linear_decoder: with is_need_exp=False, gamma is the decay "
                                  "factor and must be positive")

@@ -1,11 +1,13 @@
-"""Python registrations of ``torch.ops.leet.decay_attn``: argument checks for the
-fake (meta) path, the fake kernel, autograd and vmap.
+"""Python registrations of ``torch.ops.leet.decay_attn``: the fake kernel, autograd
+and vmap.
 
-The schema and the CPU kernels live in csrc/; csrc/checks.cpp holds the same
-argument rules as :func:`check_inputs` below, with the same messages, so eager and
-traced calls fail alike.
+The schema, the kernels and the argument contract live in csrc/ (csrc/contract.cpp):
+the fake kernel calls the same checks as the kernels, through the check op
+``torch.ops.leet._check_decay_attn``, so eager, fake and compiled calls fail alike.
 """
 import torch
+
+from . import _torch_private as private
 
 METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
 BACKENDS = ("auto", "aten", "cpu", "triton", "cuda")
@@ -17,66 +19,29 @@ def compute_dtype(q, k, v):
     return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
 
 
+def resolve_scale(scale, K):
+    """scale=None means K^-0.5 (resolve_scale in csrc/contract.cpp; tested to agree)."""
+    if scale is not None:
+        return float(scale)
+    return K ** -0.5 if K > 0 else 1.0
+
+
 def check_inputs(q, k, v, log_decay, initial_state, method, backend):
-    """Raises ValueError / TypeError naming the bad argument (mirrors csrc/checks.cpp)."""
-    shapes = {"q": "[B, H, T, K]", "k": "[B, H, T, K]", "v": "[B, H, T, V]"}
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        torch._check_value(
-            t.dim() == 4,
-            lambda: f"decay_attn: {name} must be a 4-D tensor {shapes[name]}, got shape {list(t.shape)}",
-        )
-    for name, t in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay), ("initial_state", initial_state)):
-        if t is None:
-            continue
-        torch._check_type(
-            t.dtype in FLOAT_DTYPES,
-            lambda: f"decay_attn: {name} must be a floating-point tensor "
-            f"(float32, float16, bfloat16 or float64), got {t.dtype}",
-        )
-        torch._check_value(
-            t.device == q.device,
-            lambda: f"decay_attn: all tensors must be on one device, but q is on {q.device} "
-            f"and {name} is on {t.device}",
-        )
-    B, H, T, K = q.shape
-    V = v.shape[3]
-    for name, t in (("k", k), ("v", v)):
-        torch._check_value(
-            t.shape[:3] == q.shape[:3],
-            lambda: f"decay_attn: {name} must have the same [B, H, T] as q {list(q.shape)}, got {list(t.shape)}",
-        )
-    torch._check_value(
-        k.shape[3] == K,
-        lambda: f"decay_attn: q and k must have the same head dim K, got q {list(q.shape)} and k {list(k.shape)}",
-    )
-    if log_decay is not None:
-        shape = list(log_decay.shape)
-        torch._check_value(
-            shape == [H] or shape == [B, H, T],
-            lambda: f"decay_attn: log_decay must have shape [H] = [{H}] or [B, H, T] = [{B}, {H}, {T}], got {shape}",
-        )
-    if initial_state is not None:
-        torch._check_value(
-            list(initial_state.shape) == [B, H, K, V],
-            lambda: f"decay_attn: initial_state must have shape [B, H, K, V] = [{B}, {H}, {K}, {V}], "
-            f"got {list(initial_state.shape)}",
-        )
-    torch._check_value(
-        method in METHODS,
-        lambda: f"decay_attn: unknown method '{method}'; expected one of {', '.join(METHODS)}",
-    )
-    torch._check_value(
-        backend in BACKENDS,
-        lambda: f"decay_attn: unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}",
-    )
+    """Raises the ValueError / TypeError the kernels raise for these arguments: the C++
+    contract itself (csrc/contract.cpp), run on metadata only (fake tensors included)."""
+    torch.ops.leet._check_decay_attn(q, k, v, log_decay, initial_state, method, backend)
 
 
 @torch.library.register_fake("leet::decay_attn")
 def _decay_attn_fake(
-    q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False, method="auto", backend="auto"
+    q, k, v, log_decay=None, scale=None, initial_state=None, output_final_state=False, method="auto", backend="auto"
 ):
     # Defaults as in the schema: the fake-tensor dispatch drops trailing arguments equal to their defaults.
     check_inputs(q, k, v, log_decay, initial_state, method, backend)
+    if q.device.type == "cuda":  # the GPU kernel's one policy: triton installed, etc.
+        from .gpu import select
+
+        select(q, k, v, method, backend)
     B, H, T, K = q.shape
     o = v.new_empty(B, H, T, v.shape[3])
     state_shape = (B, H, K, v.shape[3]) if output_final_state else (0,)
@@ -96,6 +61,7 @@ def _decay_attn_fake(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, scale, initial_state, output_final_state, method, backend = inputs
+    scale = resolve_scale(scale, q.shape[-1])
     ctx.scale, ctx.method, ctx.backend, ctx.output_final_state = scale, method, backend, output_final_state
     final_state = output[1] if output_final_state else None
     ctx.save_for_backward(q, k, v, log_decay, initial_state, final_state)
@@ -109,10 +75,28 @@ def _position_log_decay(log_decay, B, H, T, dtype):
     return a.view(1, H, 1).expand(B, H, T) if a.dim() == 1 else a
 
 
+def _backend_for(q, k, v, method, backend):
+    """`backend` if the contract lets it serve a call of these shapes, else "auto"."""
+    if backend == "auto":
+        return backend
+    try:
+        check_inputs(q, k, v, None, None, method, backend)
+    except ValueError:
+        return "auto"
+    return backend
+
+
 def _backward(ctx, grad_o, grad_state):
     q, k, v, log_decay, s0, final_state = ctx.saved_tensors
     scale, method, backend = ctx.scale, ctx.method, ctx.backend
     B, H, T, _ = q.shape
+    if T == 0:  # nothing flowed through the sequence; the initial state passes straight through
+        grad_s0 = None
+        if s0 is not None:
+            grad_s0 = (grad_state if ctx.output_final_state else torch.zeros_like(s0)).to(s0.dtype)
+        grad_ld = None if log_decay is None else torch.zeros_like(log_decay)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grad_ld, None, grad_s0,
+                None, None, None)
     dt = compute_dtype(q, k, v)
     qf, kf, vf, do = q.to(dt), k.to(dt), v.to(dt), grad_o.to(dt)
     d_sf = grad_state.to(dt) if ctx.output_final_state else None
@@ -128,8 +112,11 @@ def _backward(ctx, grad_o, grad_state):
     s0_t = None if s0f is None else s0f.transpose(-1, -2)
     d_sf_t = None if d_sf is None else d_sf.transpose(-1, -2)
     a_fwd = None if log_decay is None else log_decay.to(dt)
-    dq, _ = op(do, vf, kf, a_fwd, scale, s0_t, False, method, backend)
-    dk, _ = op(rev(vf), rev(do) * scale, rev(qf), a_rev, 1.0, d_sf_t, False, method, backend)
+    # dq and dk contract over V where the forward contracted over K: a backend whose
+    # limits (the CUDA kernels' K <= 256) the swapped shapes break hands over to "auto".
+    swapped = _backend_for(do, vf, kf, method, backend)
+    dq, _ = op(do, vf, kf, a_fwd, scale, s0_t, False, method, swapped)
+    dk, _ = op(rev(vf), rev(do) * scale, rev(qf), a_rev, 1.0, d_sf_t, False, method, swapped)
     dv, d_s0 = op(rev(kf), rev(qf) * scale, rev(do), a_rev, 1.0, d_sf, s0 is not None, method, backend)
     dk, dv = rev(dk), rev(dv)
 
@@ -163,22 +150,68 @@ class DecayAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+        with private.below_autograd():  # this Function is the autograd
             return torch.ops.leet.decay_attn.default(*args)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        q, k, v, log_decay, _, initial_state = inputs[:6]
+        ctx.save_for_forward(q, k, v, log_decay, initial_state, output[0], output[1])
+
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, da, _scale, ds0, *_rest):
+        return _jvp(ctx, dq, dk, dv, da, ds0)
+
+
+# Forward-mode AD. o is linear in each of q, k, v and the initial state, so their
+# tangents are decay_attn calls with the tangent in place of the input. For the log
+# decay, with D the tangent of the cumulative log decay A (D_t = sum_{s <= t} da_s),
+# d w(i, j) = w(i, j) (D_i - D_j), hence
+#   do_i = D_i o_i - decay_attn(q, k, D * v)_i   and   dS = D_{T-1} S - its final state.
+# The final state does not depend on q.
+
+
+def _jvp(ctx, dq, dk, dv, da, ds0):
+    q, k, v, log_decay, s0, o, sf = ctx.saved_tensors
+    scale, method, backend, final = ctx.scale, ctx.method, ctx.backend, ctx.output_final_state
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    dt = compute_dtype(q, k, v)
+
+    def run(q_, k_, v_, s0_):
+        return call_decay_attn(q_, k_, v_, log_decay, scale, s0_, final, method, backend)
+
+    d_o = torch.zeros(B, H, T, V, dtype=dt, device=q.device)
+    d_s = torch.zeros(sf.shape, dtype=sf.dtype, device=q.device)
+    if dq is not None:
+        d_o = d_o + run(dq, k, v, s0)[0]
+    for term in (None if dk is None else (q, dk, v, None), None if dv is None else (q, k, dv, None),
+                 None if ds0 is None else (q, torch.zeros_like(k), torch.zeros_like(v), ds0)):
+        if term is not None:
+            o_t, s_t = run(*term)
+            d_o, d_s = d_o + o_t, d_s + s_t
+    if da is not None and log_decay is not None and T > 0:
+        D = _position_log_decay(da, B, H, T, dt).cumsum(-1)  # [B, H, T]
+        o_w, s_w = run(q, k, v * D.unsqueeze(-1).to(v.dtype), None)
+        d_o = d_o + D.unsqueeze(-1) * o - o_w
+        if final:
+            d_s = d_s + D[..., -1, None, None] * sf - s_w
+    return d_o.to(o.dtype), d_s
 
 
 def call_decay_attn(*args):
     """torch.ops.leet.decay_attn(*args), through DecayAttnFunction while a torch.func
-    transform is active."""
-    if torch._C._are_functorch_transforms_active():
+    transform or a forward-AD dual level is active (the custom op's own autograd has no
+    forward mode: dual tensors would lose their tangents)."""
+    if private.functorch_transforms_active() or private.forward_ad_active():
         return DecayAttnFunction.apply(*args)
     return torch.ops.leet.decay_attn.default(*args)
 
 
-def _vmap(info, in_dims, q, k, v, log_decay=None, scale=1.0, initial_state=None,
+def _vmap(info, in_dims, q, k, v, log_decay=None, scale=None, initial_state=None,
           output_final_state=False, method="auto", backend="auto"):
     """An extra leading batch dim n: fold it into B, run once, unfold.
 

@@ -1,32 +1,31 @@
-"""CUDA behaviour of ``torch.ops.leet.decay_attn``, registered from Python.
+"""The GPU side of ``torch.ops.leet.decay_attn`` that needs Python: the Triton kernels.
 
-The schema lives in C++ (csrc/schema.cpp); this module adds, for CUDA tensors:
+decay_attn's CUDA kernel is C++ (csrc/gpu_dispatch.cpp), so that a process without
+Python finds it; it checks the arguments (csrc/contract.cpp), applies the one GPU
+policy (gpu_plan, there too) and calls the ATen methods, the C++ CUDA kernels
+(``leet::_decay_attn_cuda``) or the Triton kernels (``leet::_decay_attn_triton``).
+This module adds:
 
-* a CUDA kernel that picks the implementation from ``backend``:
-  ``"triton"`` (ops/triton_kernels.py: chunked, or recurrent for ``method="recurrent"``),
-  ``"cuda"`` (``torch.ops.leet._decay_attn_cuda``, the C++ CUDA kernels of csrc/cuda),
-  ``"aten"`` (the generic C++ methods, reached by redispatching to
-  CompositeExplicitAutograd) and ``"auto"`` (Triton when importable, else ATen);
+* the CUDA kernel of ``leet::_decay_attn_triton``: ops/triton_kernels.py, registered
+  when triton is installed (found, not imported: triton is imported on first use);
+* :func:`select`, the policy for Python callers (a binding of the C++ one);
 * a FunctionalTensorMode rule, the mechanism of ``torch.library.triton_op``: when
   AOTAutograd (torch.compile, AOTInductor) functionalizes a call that takes the
   Triton path, the op is replaced by its ``wrap_triton`` kernel launches, so Inductor
   sees the kernels (no opaque call, no graph break, self-contained AOTI packages).
-
-Registration is cheap; triton is imported on the first call that needs it.
 """
 import functools
+import importlib.util
 
 import torch
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from .decay_attn import check_inputs, compute_dtype
+from . import _torch_private as private
+from .decay_attn import METHODS, check_inputs, compute_dtype, resolve_scale
 
 _OP = "leet::decay_attn"
 _CUDA_OP = "leet::_decay_attn_cuda"
-# method="auto" with backend auto/triton: token by token up to this length (decoding,
-# short prompts), chunks beyond.
-RECURRENT_MAX_T = 16
-_TRITON_METHODS = ("auto", "chunked", "recurrent")
+_TRITON_OP = "leet::_decay_attn_triton"
+_IMPLS = ("aten", "triton", "cuda")  # gpu_plan's impl codes (csrc/decay_attn.h)
 
 
 @functools.cache
@@ -46,88 +45,39 @@ def triton_kernels():
     where torch.library.triton_op would, so AOTAutograd's cache key covers their source."""
     from . import triton_kernels as tk
 
-    registry = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
-    if isinstance(registry, dict):
-        registry.setdefault(_OP, list(tk.KERNELS))
+    private.list_triton_kernels(_OP, tk.KERNELS)
     return tk
 
 
 def has_cuda_kernels() -> bool:
     """Whether this build registered the C++ CUDA kernels (torch.ops.leet._decay_attn_cuda)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_CUDA_OP, "CUDA")
+    return private.has_kernel(_CUDA_OP, "CUDA")
 
 
 def select(q, k, v, method, backend):
     """The implementation for a call on GPU tensors: ("triton" | "cuda" | "aten", method).
 
-    Raises ValueError for a backend that cannot serve the call, naming the fix.
+    The C++ policy (gpu_plan in csrc/contract.cpp, what decay_attn's CUDA kernel uses),
+    for a call the contract accepted; it raises only for backend='triton' without triton.
     """
-    B, H, T, K = q.shape
-    V = v.shape[3]
-    float64 = compute_dtype(q, k, v) == torch.float64
-    degenerate = B * H * K * V == 0  # nothing to launch; ATen handles empty shapes
-    if backend == "aten":
-        return "aten", method
-    if backend == "cpu":
-        raise ValueError(
-            f"decay_attn: backend 'cpu' needs CPU tensors; q is on {q.device} "
-            "(use backend='auto', 'triton', 'cuda' or 'aten')"
-        )
-    if backend == "cuda":
-        if not has_cuda_kernels():
-            raise ValueError(
-                "decay_attn: backend 'cuda' needs the C++ CUDA kernels (csrc/cuda, "
-                "torch.ops.leet._decay_attn_cuda), which this build of leet_compile lacks; "
-                "rebuild with nvcc and a CUDA torch (`pip install --no-build-isolation -e .`), "
-                "or use backend='auto', 'triton' or 'aten'"
-            )
-        if method not in _TRITON_METHODS:
-            raise ValueError(
-                f"decay_attn: backend 'cuda' implements methods 'chunked' and 'recurrent', got '{method}' "
-                "(use backend='aten' or 'auto')"
-            )
-        return "cuda", "chunked" if method == "auto" else method
-    auto_method = "recurrent" if T <= RECURRENT_MAX_T else "chunked"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError(
-                "decay_attn: backend 'triton' needs the triton package (`pip install triton`); "
-                "use backend='aten' or 'auto'"
-            )
-        if method not in _TRITON_METHODS:
-            raise ValueError(
-                f"decay_attn: backend 'triton' implements methods 'chunked' and 'recurrent', got '{method}' "
-                "(use backend='aten' or 'auto')"
-            )
-        if float64:
-            raise ValueError(
-                "decay_attn: backend 'triton' computes in float32; float64 inputs need backend='aten' or 'auto'"
-            )
-        if degenerate:
-            return "aten", method
-        return "triton", auto_method if method == "auto" else method
-    # backend == "auto"
-    if triton_available() and method in _TRITON_METHODS and not float64 and not degenerate:
-        return "triton", auto_method if method == "auto" else method
-    return "aten", method
+    code = torch.ops.leet._decay_attn_gpu_plan(q, k, v, method, backend, triton_available())
+    return _IMPLS[code // 8], METHODS[code % 8]
 
 
-def _aten(q, k, v, log_decay, scale, initial_state, output_final_state, method):
-    """The generic C++ methods (csrc/methods.cpp), below this CUDA kernel."""
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    return torch.ops.leet.decay_attn.default.redispatch(
-        keys, q, k, v, log_decay, scale, initial_state, output_final_state, method, "aten"
-    )
-
-
-def decay_attn_gpu(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
+def decay_attn_gpu(q, k, v, log_decay=None, scale=None, initial_state=None, output_final_state=False,
                    method="auto", backend="auto", traced=False):
-    """decay_attn on GPU tensors (the CUDA kernel of the op; callable on CPU tensors
-    under TRITON_INTERPRET=1 for tests). `traced` launches Triton through wrap_triton."""
-    check_inputs(q, k, v, log_decay, initial_state, method, backend)
+    """What decay_attn's CUDA kernel (csrc/gpu_dispatch.cpp) does, in Python: for the
+    tracing rule below, and callable on CPU tensors under TRITON_INTERPRET=1 for tests.
+    `traced` launches Triton through wrap_triton."""
+    if q.device.type == "cuda":
+        check_inputs(q, k, v, log_decay, initial_state, method, backend)
+    else:  # interpreter tests: every rule but the device ones (checked on meta views)
+        meta = [None if t is None else t.to("meta") for t in (q, k, v, log_decay, initial_state)]
+        check_inputs(*meta, method, backend)
+    scale = resolve_scale(scale, q.shape[-1])
     impl, m = select(q, k, v, method, backend)
     if impl == "aten":
-        return _aten(q, k, v, log_decay, scale, initial_state, output_final_state, m)
+        return torch.ops.leet.decay_attn.default(q, k, v, log_decay, scale, initial_state, output_final_state, m, "aten")
     if impl == "cuda":
         return torch.ops.leet._decay_attn_cuda.default(
             q, k, v, log_decay, scale, initial_state, output_final_state, m
@@ -139,8 +89,10 @@ def decay_attn_gpu(q, k, v, log_decay=None, scale=1.0, initial_state=None, outpu
         return tk.decay_attn_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, m, False)
 
 
-def _cuda_kernel(q, k, v, log_decay, scale, initial_state, output_final_state, method, backend):
-    return decay_attn_gpu(q, k, v, log_decay, scale, initial_state, output_final_state, method, backend)
+def _triton_kernel(q, k, v, log_decay, scale, initial_state, output_final_state, method):
+    """CUDA kernel of leet::_decay_attn_triton (called by decay_attn's C++ CUDA kernel)."""
+    with torch.cuda.device(q.device):  # triton launches on the current device
+        return triton_kernels().decay_attn_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, method)
 
 
 def _bind(func, args, kwargs):
@@ -156,44 +108,27 @@ def _bind(func, args, kwargs):
     return out
 
 
-def _decomposition_disabled() -> bool:
-    """torch.export keeps triton ops whole (serializable programs); AOTInductor's own
-    lowering later decomposes them. We follow the same rule."""
-    try:
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-    except ImportError:
-        return False
-    return custom_triton_ops_decomposition_disabled()
-
-
-def _has_fake(qualname) -> bool:
-    try:
-        return torch._library.simple_registry.singleton.find(qualname).fake_impl.kernel is not None
-    except AttributeError:
-        return False
-
-
 def _functional_rule(mode, func, types, args, kwargs):
     """Under FunctionalTensorMode, replaces a call that takes the Triton path by its
     kernel launches (torch.library.triton_op does the same for Python-defined ops);
     "cuda" becomes the C++ op _decay_attn_cuda; everything else stays as it is."""
-    import torch._subclasses
-
-    known = (torch.Tensor, torch._subclasses.functional_tensor.FunctionalTensor)
-    unrecognized = [t for t in types if not issubclass(t, torch._subclasses.FakeTensor) and t not in known]
+    known = private.plain_tensor_types()
+    unrecognized = [t for t in types if not issubclass(t, known[1]) and t not in known]
     call = _bind(func, args, kwargs)
     q = call[0]
-    if unrecognized or _decomposition_disabled() or q.device.type != "cuda":
+    if unrecognized or private.triton_decomposition_disabled() or q.device.type != "cuda":
         return mode.__torch_dispatch__(func, types, args, kwargs)
     q, k, v, log_decay, scale, initial_state, output_final_state, method, backend = call
-    check_inputs(q, k, v, log_decay, initial_state, method, backend)
-    impl, m = select(q, k, v, method, backend)
+    with mode:  # the check ops read metadata; under the mode they see through FunctionalTensor
+        check_inputs(q, k, v, log_decay, initial_state, method, backend)
+        impl, m = select(q, k, v, method, backend)
+    scale = resolve_scale(scale, q.shape[-1])
     if impl == "triton":
         with mode:
             return triton_kernels().decay_attn_fwd(
                 q, k, v, log_decay, scale, initial_state, output_final_state, m, traced=True
             )
-    if impl == "cuda" and _has_fake(_CUDA_OP):
+    if impl == "cuda" and private.has_fake_impl(_CUDA_OP):
         with mode:
             return torch.ops.leet._decay_attn_cuda.default(
                 q, k, v, log_decay, scale, initial_state, output_final_state, m
@@ -201,5 +136,6 @@ def _functional_rule(mode, func, types, args, kwargs):
     return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
-torch.library.register_kernel(_OP, "cuda", _cuda_kernel)
-torch.library.register_torch_dispatch(_OP, FunctionalTensorMode, _functional_rule)
+if importlib.util.find_spec("triton") is not None:  # a path lookup; triton is imported on first use
+    torch.library.register_kernel(_TRITON_OP, "cuda", _triton_kernel)
+torch.library.register_torch_dispatch(_OP, private.functional_tensor_mode(), _functional_rule)

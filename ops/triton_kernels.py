@@ -100,20 +100,40 @@ def chunked_fwd_kernel(
         scores = tl.dot(bq, tl.trans(bk), input_precision=PRECISION)  # [BT, BT] fp32
         inter = tl.dot(bq, S.to(bq.dtype), input_precision=PRECISION)  # [BT, BV]: q S_prev
         if DECAY:
-            # cumulative log decay from the chunk start; padded positions add 0, so
-            # g[BT - 1] is the value at the chunk's last valid position
-            la = tl.load(a_base + t * s_at, mask=mt, other=0.0).to(tl.float32)
+            # cumulative log decay from the chunk start, in float64; padded positions add
+            # 0, so g[BT - 1] is the value at the chunk's last valid position. Entries
+            # below -(800 + the chunk's positive sum) are raised to it: the weights
+            # through them are exactly 0 either way, but -inf gives no inf - inf = NaN
+            # and -1e20 no longer swallows the small decays after it (NaN stays NaN).
+            la = tl.load(a_base + t * s_at, mask=mt, other=0.0).to(tl.float64)
+            floor = -(tl.sum(tl.where(la > 0.0, la, 0.0), axis=0) + 800.0)
+            la = tl.where(la < floor, floor, la)
             g = tl.cumsum(la, axis=0)
             g_last = tl.sum(tl.where(rt == BT - 1, g, 0.0), axis=0)
-            inter = inter * tl.exp(g)[:, None]
+            # exact zeros stay zero under a huge weight (an empty state, growing decays)
+            e_g = tl.exp(g.to(tl.float32))[:, None]
+            inter = tl.where(inter == 0.0, 0.0, inter * e_g)
             # mask the exponent before exp: g_i - g_j for j > i may be huge
-            scores = tl.where(causal, scores * tl.exp(tl.where(causal, g[:, None] - g[None, :], 0.0)), 0.0)
-            k_w = (bk * tl.exp(g_last - g)[:, None]).to(bk.dtype)
-            S = S * tl.exp(g_last)
+            diff = tl.where(causal, g[:, None] - g[None, :], 0.0).to(tl.float32)
+            scores = tl.where(causal, scores * tl.exp(diff), 0.0)
+            k_w = (bk * tl.exp((g_last - g).to(tl.float32))[:, None]).to(bk.dtype)
+            S = tl.where(S == 0.0, 0.0, S * tl.exp(g_last.to(tl.float32)))
         else:
             scores = tl.where(causal, scores, 0.0)
             k_w = bk
-        out = inter + tl.dot(scores.to(bv.dtype), bv, input_precision=PRECISION)
+        # O = scores V, exactly causal: a dense product reads v_j for j > i as well
+        # (0 * NaN = NaN), so non-finite values are left out of it and, in a chunk that
+        # holds any, added row by row over j <= i only.
+        bv32 = bv.to(tl.float32)
+        nonfinite = (bv32 != bv32) | (tl.abs(bv32) == float("inf"))
+        clean = tl.where(nonfinite, 0.0, bv32).to(bv.dtype)
+        out = inter + tl.dot(scores.to(bv.dtype), clean, input_precision=PRECISION)
+        if tl.sum(nonfinite.to(tl.int32)) > 0:
+            bad = tl.where(nonfinite, bv32, 0.0)
+            for jj in range(0, BT):
+                col = tl.sum(tl.where((rt == jj)[None, :], scores, 0.0), axis=1)  # scores[:, jj]
+                row = tl.sum(tl.where((rt == jj)[:, None], bad, 0.0), axis=0)  # bad[jj, :]
+                out += tl.where((rt >= jj)[:, None], col[:, None] * row[None, :], 0.0)
         tl.store(o_base + t[:, None] * V + rv[None, :], (out * scale).to(o.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         S += tl.dot(tl.trans(k_w), bv, input_precision=PRECISION)

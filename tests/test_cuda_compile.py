@@ -242,9 +242,9 @@ def test_fake_kernel_shapes_and_errors():
     assert (o.shape, o.dtype, s.shape, s.dtype) == ((2, 3, 7, 48), torch.bfloat16, (2, 3, 80, 48), torch.float32)
     o, s = op(q.double(), q, v, None, 1.0, None, False, "recurrent")
     assert o.dtype == torch.bfloat16 and s.shape == (0,) and s.dtype == torch.float64
-    with pytest.raises(ValueError, match="method must be 'auto', 'chunked' or 'recurrent'"):
+    with pytest.raises(ValueError, match="backend 'cuda' implements methods auto, chunked, recurrent; got 'fleet'"):
         op(q, q, v, None, 1.0, None, False, "fleet")
-    with pytest.raises(ValueError, match="head dim K must be at most 256"):
+    with pytest.raises(ValueError, match="backend 'cuda' takes head dim K at most 256, got 300"):
         big = torch.empty(1, 1, 3, 300, device="meta")
         op(big, big, big, None, 1.0, None, False, "auto")
     with pytest.raises(ValueError, match="log_decay must have shape"):
@@ -257,8 +257,9 @@ def test_fake_kernel_traces():
     def f(q, k, v, a, s0):
         return torch.ops.leet._decay_attn_cuda(q, k, v, a, 0.125, s0, True, "auto")
 
-    args = (torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 24),
-            torch.randn(1, 2, 9), torch.randn(1, 2, 16, 24))  # fmt: skip
+    # meta tensors: the contract's device rule (CUDA tensors) is for real devices only
+    args = tuple(torch.empty(*shape, device="meta")
+                 for shape in ((1, 2, 9, 16), (1, 2, 9, 16), (1, 2, 9, 24), (1, 2, 9), (1, 2, 16, 24)))
     gm = make_fx(f, tracing_mode="symbolic")(*args)
     assert "_decay_attn_cuda" in gm.code
     outs = [n for n in gm.graph.nodes if n.op == "call_function" and "_decay_attn_cuda" in str(n.target)]
@@ -268,3 +269,36 @@ def test_fake_kernel_traces():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The Triton kernels (ops/triton_kernels.py) compile to PTX for sm_90 without a GPU:
+    the interpreter (tests/test_triton.py) checks their arithmetic, this checks that the
+    compiler accepts them (float64 prefix sums, the non-finite branch and its loop)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter replaces the kernels")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from leet_compile.ops import triton_kernels as tk
+
+    meta = ("DECAY", "HAS_S0", "STORE_ST", "PRECISION", "F32_DOTS", "BK", "BT", "BV")
+    for kernel, dtype in ((tk.chunked_fwd_kernel, "fp32"), (tk.chunked_fwd_kernel, "bf16"),
+                          (tk.recurrent_fwd_kernel, "fp32")):
+        fn = kernel.fn  # the autotuner's JITFunction
+        consts = dict(DECAY=1, HAS_S0=1, STORE_ST=1, BK=64, BV=64)
+        if "BT" in fn.arg_names:
+            consts.update(BT=64, PRECISION="ieee" if dtype == "fp32" else "tf32", F32_DOTS=dtype == "fp32")
+        sig = {}
+        for name in fn.arg_names:
+            if name in meta:
+                sig[name] = "constexpr"
+            elif name in ("q", "k", "v", "o"):
+                sig[name] = f"*{dtype}"
+            elif name in ("a", "s0", "sT"):
+                sig[name] = "*fp32"
+            else:
+                sig[name] = "fp32" if name == "scale" else "i64"
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["ptx"]

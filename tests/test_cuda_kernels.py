@@ -143,7 +143,7 @@ def test_empty_and_invalid():
     with pytest.raises(ValueError, match="at most 256"):
         OP(big, big, big, None, 1.0, None, False, "chunked")
     q = torch.randn(1, 1, 4, 16, device="cuda")
-    with pytest.raises(ValueError, match="method must be"):
+    with pytest.raises(ValueError, match="implements methods auto, chunked, recurrent; got .naive."):
         OP(q, q, q, None, 1.0, None, False, "naive")
 
 
@@ -162,3 +162,32 @@ def test_public_api_backend_cuda_with_autograd():
         outs[backend] = (o, s, *grads)
     for x, y in zip(outs["cuda"], outs["aten"]):
         assert rel_err(x, y) < 1e-4
+
+
+def test_backward_with_v_above_the_head_dim_limit():
+    """The backward's dq / dk calls contract over V: with V > 256 they leave backend "cuda"
+    (K <= 256) for "auto" instead of failing its head-dim check (issue 11)."""
+    T, K, V = 33, 64, 300
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k = (torch.randn(1, 2, T, K, device="cuda", generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, T, V, device="cuda", generator=g, requires_grad=True)
+    a = (-torch.rand(1, 2, T, device="cuda", generator=g)).requires_grad_()
+    grads = {}
+    for backend in ("cuda", "aten"):
+        o = leet_compile.decay_attn(q, k, v, a, scale=0.5, method="chunked", backend=backend)
+        grads[backend] = torch.autograd.grad(o.square().sum(), [q, k, v, a])
+    for x, y in zip(grads["cuda"], grads["aten"]):
+        assert rel_err(x, y) < 1e-4
+
+
+def test_cpp_dispatch_picks_each_backend():
+    """decay_attn's CUDA kernel is C++ (csrc/gpu_dispatch.cpp): every backend and method."""
+    T, K, V = 40, 32, 48
+    q, k = (torch.randn(1, 2, T, K, device="cuda") for _ in range(2))
+    v = torch.randn(1, 2, T, V, device="cuda")
+    a = -torch.rand(2, device="cuda")
+    ref, _ = decay_attn_reference(q, k, v, a, 0.5, None)
+    for backend, method in [("auto", "auto"), ("cuda", "auto"), ("cuda", "recurrent"), ("triton", "chunked"),
+                            ("aten", "fleet"), ("auto", "naive")]:
+        o = leet_compile.decay_attn(q, k, v, a, scale=0.5, method=method, backend=backend)
+        assert rel_err(o, ref) < 1e-5, (backend, method)

@@ -44,7 +44,7 @@ def test_forward(backend, method, decay, T, K, V):
 @pytest.mark.parametrize("decay", [None, "head", "position"])
 def test_bf16_error_at_most_twice_naive(backend, decay):
     q, k, v, a, _ = make_inputs(B=2, H=4, T=1000, K=128, V=128, decay=decay, dtype=torch.bfloat16)
-    o = leet_compile.decay_attn(*to_cuda(q, k, v, a), backend=backend)
+    o = leet_compile.decay_attn(*to_cuda(q, k, v, a), scale=1.0, backend=backend)
     o_ref, _ = decay_attn_reference(q, k, v, a)
     A = torch.zeros(2, 4, 1000, dtype=torch.float64) if a is None else (
         a.double().view(1, 4, 1).expand(2, 4, 1000) if a.dim() == 1 else a.double())
@@ -85,7 +85,7 @@ def test_compile_sees_triton_kernels():
     from torch._inductor.utils import run_and_get_code
 
     q, k, v, a, _ = to_cuda(*make_inputs(B=1, H=2, T=256, K=64, V=64, decay="head"))
-    f = torch.compile(lambda q, k, v, a: leet_compile.decay_attn(q, k, v, a, backend="triton"), fullgraph=True)
+    f = torch.compile(lambda q, k, v, a: leet_compile.decay_attn(q, k, v, a, scale=1.0, backend="triton"), fullgraph=True)
     out, code = run_and_get_code(f, q, k, v, a)
     assert "chunked_fwd_kernel" in "\n".join(code)
     assert rel_err(out, decay_attn_reference(q, k, v, a)[0]) < 1e-4

@@ -199,7 +199,7 @@ def test_vmap_extra_batch_dim():
     a_heads = -torch.rand(N, 2)  # a different per-head decay for each vmapped item
     s0 = torch.randn(2, 2, 4, 5)  # shared initial state
     out, state = torch.vmap(
-        lambda q, k, v, a: decay_attn(q, k, v, a, initial_state=s0, output_final_state=True)
+        lambda q, k, v, a: decay_attn(q, k, v, a, scale=1.0, initial_state=s0, output_final_state=True)
     )(qs, ks, vs, a_heads)
     for n in range(N):
         o_ref, s_ref = decay_attn_reference(qs[n], ks[n], vs[n], a_heads[n], 1.0, s0)
@@ -209,13 +209,13 @@ def test_vmap_extra_batch_dim():
 def test_vmap_position_decay_and_in_dims():
     q, k, v, a, _ = make_inputs(B=2, H=2, T=11, decay="position")
     a_batched = torch.stack([a, 2 * a], dim=1)  # vmapped over dim 1
-    out = torch.vmap(lambda a: decay_attn(q, k, v, a), in_dims=1)(a_batched)
+    out = torch.vmap(lambda a: decay_attn(q, k, v, a, scale=1.0), in_dims=1)(a_batched)
     assert rel_err(out[1], decay_attn_reference(q, k, v, 2 * a)[0]) < 1e-5
 
 
 def test_func_grad():
     q, k, v, a, _ = make_inputs(B=1, H=2, T=21, decay="head")
-    g = torch.func.grad(lambda a: decay_attn(q, k, v, a).square().sum())(a)
+    g = torch.func.grad(lambda a: decay_attn(q, k, v, a, scale=1.0).square().sum())(a)
     a2 = a.detach().double().requires_grad_(True)
     o, _ = _ref_autograd(q.double(), k.double(), v.double(), a2, None, 1.0)
     (r,) = torch.autograd.grad(o.square().sum(), a2)
@@ -265,7 +265,7 @@ def test_backend_errors():
     q, k, v, a, _ = make_inputs(T=5)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         decay_attn(q, k, v, a, backend="triton")
-    with pytest.raises(ValueError, match="implements method 'chunked' only"):
+    with pytest.raises(ValueError, match="backend 'cpu' implements methods auto, chunked; got 'fleet'"):
         decay_attn(q, k, v, a, method="fleet", backend="cpu")
 
 

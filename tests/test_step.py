@@ -59,7 +59,7 @@ def test_step_dtypes(dtype):
     if dtype == torch.float64:
         state = state.double()
     o_ref, s_ref = step_reference(q, k, v, a, state, 1.0)
-    o, s = leet_compile.decay_attn_step(q, k, v, a, state)
+    o, s = leet_compile.decay_attn_step(q, k, v, a, state, scale=1.0)
     assert o.dtype == dtype and s.dtype == state.dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-2  # 16-bit: the output rounding
     assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < max(tol, 1e-6)
@@ -67,7 +67,7 @@ def test_step_dtypes(dtype):
 
 def test_default_state_is_zeros():
     q, k, v, a, _ = rand_step(2, 3, 4, 5, "head")
-    o, s = leet_compile.decay_attn_step(q, k, v, a)
+    o, s = leet_compile.decay_attn_step(q, k, v, a, scale=1.0)
     assert s.dtype == torch.float32
     torch.testing.assert_close(s, k.unsqueeze(-1) * v.unsqueeze(-2))
     torch.testing.assert_close(o, torch.einsum("bhk,bhkv->bhv", q, s))
@@ -119,9 +119,10 @@ def test_prefill_then_steps_bf16():
     B, H, T0, T, K, V = 1, 2, 20, 30, 16, 16
     q, k, v, a = sequence(B, H, T, K, V, "position", torch.bfloat16)
     o_ref, _ = decay_attn_reference(q, k, v, a)
-    _, state = leet_compile.decay_attn(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0], a[:, :, :T0], output_final_state=True)
+    _, state = leet_compile.decay_attn(q[:, :, :T0], k[:, :, :T0], v[:, :, :T0], a[:, :, :T0], scale=1.0,
+                                   output_final_state=True)
     for t in range(T0, T):
-        o_t = leet_compile.decay_attn_step_(q[:, :, t], k[:, :, t], v[:, :, t], a[:, :, t], state)
+        o_t = leet_compile.decay_attn_step_(q[:, :, t], k[:, :, t], v[:, :, t], a[:, :, t], state, scale=1.0)
         assert o_t.dtype == torch.bfloat16
         assert rel_err(o_t, o_ref[:, :, t]) < 1e-2
 
@@ -130,12 +131,13 @@ def test_prefill_then_steps_bf16():
 def test_chunked_prefill_equals_one_shot(decay):
     B, H, T, K, V = 2, 2, 203, 8, 11
     q, k, v, a = sequence(B, H, T, K, V, decay)
-    o_one, s_one = leet_compile.decay_attn(q, k, v, a, output_final_state=True)
+    o_one, s_one = leet_compile.decay_attn(q, k, v, a, scale=1.0, output_final_state=True)
     state, outs = None, []
     for lo, hi in [(0, 64), (64, 65), (65, 150), (150, 203)]:  # odd and single-token pieces
         a_piece = None if a is None else (a if a.dim() == 1 else a[:, :, lo:hi])
         o, state = leet_compile.decay_attn(
-            q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], a_piece, initial_state=state, output_final_state=True
+            q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], a_piece, scale=1.0, initial_state=state,
+            output_final_state=True
         )
         outs.append(o)
     assert rel_err(torch.cat(outs, 2), o_one) < 1e-5 and rel_err(state, s_one) < 1e-5

@@ -43,6 +43,8 @@ using at::Tensor;
 // Chunk length, by measurement at B=1 H=8 T=4096 K=V=64: 32 beat 16, 48, 64 and 128
 // (with BLAS on 2 threads, and again with brgemm on one thread; docs/methods.md).
 constexpr int64_t kCpuChunk = 32;
+// exp(-800) is exactly 0 in float64 and float32.
+constexpr double kUnderflow = 800.0;
 
 template <typename T>
 struct Blas;
@@ -132,8 +134,10 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
       else std::fill_n(S, K * V, T(0));
       // A per-head (or no) decay makes scale * D[i, j] a function of i - j alone: the
       // same causal C x C matrix for every chunk (its top-left c x c for a shorter one).
+      // The per-head decay, raised to -800 if below (exp(-800 k) is 0 for every k >= 1
+      // either way, and -inf * 0 on the diagonal would be NaN).
+      const double ah = !a ? 0.0 : (a[h] < -kUnderflow ? -kUnderflow : a[h]);
       if (!a || per_head) {
-        const double ah = a ? a[h] : 0.0;
         for (int64_t i = 0; i < C; ++i) {
           for (int64_t j = 0; j < C; ++j) {
             decay[i * C + j] = j <= i ? static_cast<T>(scale_d * std::exp(ah * (i - j))) : T(0);
@@ -146,10 +150,22 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
         const T* Kc = Kp + start * ldk;
         const T* Vc = Vp + start * ldv;
         T* Oc = O + start * V;
-        double run = 0;
-        for (int64_t i = 0; i < c; ++i) {
-          run += per_head ? a[h] : (a ? a[bh * T_len + start + i] : 0.0);
-          L[i] = per_head ? a[h] * (i + 1) : run;
+        // L: the cumulative log decay inside the chunk, each entry first raised to
+        // -(800 + the chunk's positive sum) (as in csrc/methods.cpp, safe_log_decay):
+        // weights through such an entry are exactly 0 either way, but -inf and -1e20
+        // stop destroying the differences (inf - inf, or small decays lost after -1e20).
+        if (a && !per_head) {
+          const double* ac = a + bh * T_len + start;
+          double positive = 0;
+          for (int64_t i = 0; i < c; ++i) positive += ac[i] > 0 ? ac[i] : 0.0;
+          const double floor = -(kUnderflow + positive);
+          double run = 0;
+          for (int64_t i = 0; i < c; ++i) {
+            run += ac[i] < floor ? floor : ac[i];  // (NaN stays NaN)
+            L[i] = run;
+          }
+        } else {
+          for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
         }
         const double L_end = L[c - 1];
         for (int64_t j = 0; j < c; ++j) {
@@ -165,13 +181,24 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
           T* row = attn.data() + i * c;
           if (a && !per_head) {
             for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(scale_d * std::exp(L[i] - L[j]));
-            std::fill(row + i + 1, row + c, T(0));
           } else {
             const T* d = decay.data() + i * C;
-            for (int64_t j = 0; j < c; ++j) row[j] *= d[j];
+            for (int64_t j = 0; j <= i; ++j) row[j] *= d[j];
           }
+          // Masked, not multiplied by 0: a NaN key at j > i must not reach row i.
+          std::fill(row + i + 1, row + c, T(0));
         }
-        mm<T>(c, V, c, attn.data(), c, Vc, ldv, Oc, V, false);
+        // O = attn V. A dense product would give 0 * NaN = NaN in row i for a non-finite
+        // value at j > i; a chunk holding one takes the exactly causal row-by-row product.
+        bool finite_v = true;
+        for (int64_t j = 0; j < c && finite_v; ++j) {
+          for (int64_t x = 0; x < V; ++x) finite_v = finite_v && std::isfinite(Vc[j * ldv + x]);
+        }
+        if (finite_v) {
+          mm<T>(c, V, c, attn.data(), c, Vc, ldv, Oc, V, false);
+        } else {
+          for (int64_t i = 0; i < c; ++i) mm<T>(1, V, i + 1, attn.data() + i * c, c, Vc, ldv, Oc + i * V, V, false);
+        }
         // O += scale * exp(L_i) q_i S  (the state entering the chunk).
         if (has_state) {
           for (int64_t i = 0; i < c; ++i) {
@@ -220,16 +247,11 @@ namespace {
 // methods; "auto" takes the fused kernel for the chunked method, the rest from aten.
 std::tuple<Tensor, Tensor> decay_attn_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
+    std::optional<double> scale_arg, const std::optional<Tensor>& initial_state, bool output_final_state,
     const std::string& method, const std::string& backend) {
-  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);
-  TORCH_CHECK_VALUE(
-      backend == "auto" || backend == "aten" || backend == "cpu", "decay_attn: backend '", backend,
-      "' needs CUDA tensors; q is on cpu (use backend='auto', 'cpu' or 'aten')");
+  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);  // backend rules included
+  const double scale = resolve_scale(scale_arg, q.size(3));
   const bool chunked = method == "auto" || method == "chunked";
-  TORCH_CHECK_VALUE(
-      chunked || backend != "cpu", "decay_attn: backend 'cpu' implements method 'chunked' only, got '",
-      method, "' (use backend='aten' or 'auto')");
   // The fused kernel needs no special case for empty problems; ATen handles them.
   if (backend == "aten" || !chunked || q.numel() == 0 || v.numel() == 0) {
     return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, method);

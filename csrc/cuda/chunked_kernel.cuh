@@ -215,11 +215,17 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
     }
   }
   bool has_state = s0 != nullptr;  // false while S is known to be zero
+  // Whether the chunk's V holds a NaN or inf, one flag per chunk parity: chunk c sets
+  // flag[c & 1] while loading and reads it in step 4; chunk c + 1 clears it in its step
+  // 2 (after its first barrier, so after chunk c's last read) for chunk c + 2.
+  __shared__ int nonfinite_v[2];
+  if (threadIdx.x == 0) nonfinite_v[0] = nonfinite_v[1] = 0;
   __syncthreads();
 
   for (int64_t c0 = 0; c0 < T; c0 += C) {
     const int n = static_cast<int>(T - c0 < C ? T - c0 : C);  // valid rows of this chunk
     const int nt = (n + 15) / 16;                              // 16-row tiles holding them
+    const int parity = static_cast<int>((c0 / C) & 1);
 
     // 1. Load the chunk (zeros past the end, in the K padding and past V) and, in
     //    warp 0, the cumulative log decay L by a warp scan (two tokens per lane).
@@ -234,11 +240,15 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
         Qs[i * ld_qk + c] = xq;
         Ks[i * ld_qk + c] = xk;
       }
+      bool bad = false;
       for (int c = lane; c < Vt; c += 32) {
         In xv = zero;
         if (row && v0 + c < V) xv = vg[(c0 + i) * vst + v0 + c];
         Vs[i * ld_v + c] = xv;
+        const Acc x = Cvt<In>::to_acc(xv);
+        bad = bad || !((x - x) == Acc(0));  // NaN or inf
       }
+      if (bad) nonfinite_v[parity] = 1;  // (every writer writes 1)
     }
     if (decay && warp == 0) {
       const int i0 = 2 * lane, i1 = 2 * lane + 1;
@@ -252,6 +262,17 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
         if (i0 < n) x0 = a[i0];
         if (i1 < n) x1 = a[i1];
       }
+      // Raise entries below -(800 + the chunk's positive sum) to it: every weight through
+      // them is exactly 0 either way, but -inf no longer gives inf - inf = NaN and -1e20
+      // no longer swallows the small decays after it (csrc/methods.cpp, safe_log_decay).
+      double pos = (x0 > 0.0 ? x0 : 0.0) + (x1 > 0.0 ? x1 : 0.0);
+      for (int off = 1; off < 32; off <<= 1) {
+        const double y = __shfl_up_sync(0xffffffffu, pos, off);
+        if (lane >= off) pos += y;
+      }
+      const double floor = -(800.0 + __shfl_sync(0xffffffffu, pos, 31));
+      x0 = x0 < floor ? floor : x0;  // (NaN stays NaN)
+      x1 = x1 < floor ? floor : x1;
       double incl = x0 + x1;
       for (int off = 1; off < 32; off <<= 1) {
         const double y = __shfl_up_sync(0xffffffffu, incl, off);
@@ -276,6 +297,7 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
     __syncthreads();
 
     // 2. Scores Q K^T: the tiles on and below the diagonal.
+    if (threadIdx.x == 0) nonfinite_v[parity ^ 1] = 0;  // for the next chunk
     for (int item = warp; item < nt * nt; item += nwarps) {
       const int ti = item / nt, tj = item % nt;
       if (tj > ti) continue;
@@ -312,13 +334,18 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
     // 4. O = A V (+ (Q exp(L)) S) and S <- exp(L_end) S + (K exp(L_end - L))^T V.
     //    One list of tiles, O's first; without tensor cores Sb is Ss itself, so the
     //    S update waits for every O tile.
+    //    A dense A V reads v_j for j > i too (0 * NaN = NaN): a chunk whose V holds a
+    //    NaN or inf leaves A V out here and adds it in step 4b, summing j <= i only.
+    const bool exact_av = nonfinite_v[parity] != 0;
     const int n_vtiles = Vt / 16, o_items = nt * n_vtiles, s_items = (Kp / 16) * n_vtiles;
     for (int item = warp; item < o_items; item += nwarps) {
       const int ti = item / n_vtiles, tv = item % n_vtiles;
       Frag f;
       Ops::zero(f);
-      Ops::template mma<false, false>(f, Ab + ti * 16 * ld_ab, ld_ab, 16, Vs + tv * 16, ld_v, 16 * ld_v,
-                                      ti + 1);
+      if (!exact_av) {
+        Ops::template mma<false, false>(f, Ab + ti * 16 * ld_ab, ld_ab, 16, Vs + tv * 16, ld_v, 16 * ld_v,
+                                        ti + 1);
+      }
       if (has_state) {
         Ops::template mma<false, false>(f, Qs + ti * 16 * ld_qk, ld_qk, 16, Sb + tv * 16, ld_sb,
                                         16 * ld_sb, Kp / 16);
@@ -342,6 +369,18 @@ __device__ void chunked_body(const leet_decay_attn_args& args, const Layout& lay
       Ops::store(sp, ld_s, f);
     }
     __syncthreads();
+
+    // 4b. (chunks with a non-finite value) O += A V, row i summing over j <= i only.
+    if (exact_av) {
+      for (int i = warp; i < n; i += nwarps) {
+        for (int c = lane; c < Vt; c += 32) {
+          Acc sum = Acc(0);
+          for (int j = 0; j <= i; ++j) sum += Cvt<In>::to_acc(Ab[i * ld_ab + j]) * Cvt<In>::to_acc(Vs[j * ld_v + c]);
+          Os[i * ld_o + c] += sum;
+        }
+      }
+      __syncthreads();
+    }
 
     // 5. Write the chunk's output; round the new state for the next chunk's Q S.
     for (int i = warp; i < n; i += nwarps) {

@@ -11,6 +11,8 @@
 namespace leet {
 namespace {
 
+static_assert(kCudaMaxHeadDim == LEET_MAX_HEAD_DIM, "csrc/decay_attn.h and decay_attn_kernels.h disagree");
+
 using at::Tensor;
 
 int leet_dtype_of(at::ScalarType t) {
@@ -54,14 +56,8 @@ std::tuple<Tensor, Tensor> decay_attn_cuda(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const std::optional<Tensor>& log_decay,
     double scale, const std::optional<Tensor>& initial_state, bool output_final_state,
     const std::string& method) {
+  // The backend table's "cuda" row: CUDA tensors, methods auto/chunked/recurrent, K <= 256.
   check_decay_attn_inputs(q_in, k_in, v_in, log_decay, initial_state, method, "cuda");
-  TORCH_CHECK_VALUE(
-      method == "auto" || method == "chunked" || method == "recurrent",
-      "_decay_attn_cuda: method must be 'auto', 'chunked' or 'recurrent', got '", method, "'");
-  TORCH_CHECK_VALUE(q_in.is_cuda(), "_decay_attn_cuda: needs CUDA tensors, got q on ", q_in.device());
-  TORCH_CHECK_VALUE(
-      q_in.size(3) <= LEET_MAX_HEAD_DIM, "_decay_attn_cuda: head dim K must be at most ", LEET_MAX_HEAD_DIM,
-      ", got ", q_in.size(3), " (use backend='triton' or 'aten')");
   if (q_in.numel() == 0 || v_in.numel() == 0) {  // nothing to launch; ATen gets the shapes right
     return decay_attn_aten(q_in, k_in, v_in, log_decay, scale, initial_state, output_final_state, "recurrent");
   }
@@ -90,8 +86,9 @@ std::tuple<Tensor, Tensor> decay_attn_cuda(
   args.scale = scale;
   if (const char* problem = leet_decay_attn_validate(&args)) TORCH_CHECK(false, "_decay_attn_cuda: ", problem);
 
-  // "auto": token by token for short sequences (a guess, to be tuned on a GPU).
-  const bool recurrent = method == "recurrent" || (method == "auto" && T <= 16);
+  // The GPU "auto" policy is ops/gpu.py's select(), which resolves the method before
+  // calling this op; a direct call with "auto" takes the chunked kernel.
+  const bool recurrent = method == "recurrent";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err =
       recurrent ? leet_decay_attn_recurrent(&args, stream) : leet_decay_attn_chunked(&args, stream);

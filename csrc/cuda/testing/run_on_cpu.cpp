@@ -23,6 +23,10 @@ struct Case {
   bool initial, strided;
   bool recurrent;
   int chunk, v_tile, threads;  // chunked kernel only
+  // Edge values: NaN / inf in v and k at `poison_t` (only outputs before it are
+  // compared, and must be finite), and per-position -inf / -1e20 decays.
+  int64_t poison_t = -1;
+  bool resets = false;
 };
 
 template <typename T>
@@ -82,6 +86,19 @@ bool run_case(const Case& c, std::mt19937& rng) {
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   std::vector<double> a(c.decay == LEET_DECAY_PER_HEAD ? H : B * H * TL);
   for (auto& x : a) x = c.growing ? 0.15 * uni(rng) - 0.05 : -0.3 * uni(rng);
+  if (c.resets && c.decay == LEET_DECAY_PER_POSITION) {
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      for (int64_t t = 5; t < TL; t += 23) a[bh * TL + t] = -INFINITY;
+      for (int64_t t = 11; t < TL; t += 29) a[bh * TL + t] = -1e20;
+    }
+  }
+  if (c.poison_t >= 0) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        v.data[b * v.strides[0] + h * v.strides[1] + c.poison_t * v.strides[2]] = from_double<T>(NAN);
+        if (c.poison_t + 1 < TL) k.data[b * k.strides[0] + h * k.strides[1] + (c.poison_t + 1) * k.strides[2] + 1] = from_double<T>(INFINITY);
+      }
+  }
   std::vector<Acc> s0(B * H * K * V);
   std::normal_distribution<double> normal;
   for (auto& x : s0) x = static_cast<Acc>(normal(rng));
@@ -136,8 +153,20 @@ bool run_case(const Case& c, std::mt19937& rng) {
       for (int64_t i = 0; i < K * V; ++i) s_ref[bh * K * V + i] = S[i];
     }
   bool finite = true;
-  for (size_t i = 0; i < o.size(); ++i) finite = finite && std::isfinite(o_got[i] = to_double(o[i]));
-  for (size_t i = 0; i < fs.size(); ++i) finite = finite && std::isfinite(s_got[i] = static_cast<double>(fs[i]));
+  for (size_t i = 0; i < o.size(); ++i) o_got[i] = to_double(o[i]);
+  for (size_t i = 0; i < fs.size(); ++i) s_got[i] = static_cast<double>(fs[i]);
+  if (c.poison_t >= 0) {  // only the outputs before the poisoned position, which must be exact
+    std::vector<double> got, ref;
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t t = 0; t < c.poison_t; ++t)
+        for (int64_t y = 0; y < V; ++y) {
+          got.push_back(o_got[(bh * TL + t) * V + y]);
+          ref.push_back(o_ref[(bh * TL + t) * V + y]);
+        }
+    o_got = got, o_ref = ref, s_got = s_ref = {0.0};
+  }
+  for (double x : o_got) finite = finite && std::isfinite(x);
+  for (double x : s_got) finite = finite && std::isfinite(x);
   const double eo = rel_err(o_got, o_ref), es = rel_err(s_got, s_ref);
   const double tol = std::is_same_v<T, double> ? 1e-11 : std::is_same_v<T, float> ? 2e-5
                    : std::is_same_v<T, __half> ? 5e-3 : 3e-2;
@@ -168,19 +197,33 @@ int main() {
       {0, 1, 1, 5, 256, 33, LEET_DECAY_PER_HEAD, true, false, false, true, 0, 0, 0},
       {0, 1, 1, 3, 7, 5, LEET_DECAY_NONE, false, true, false, true, 0, 0, 0},
   };
-  std::mt19937 rng(1234);
+  // Edges (their own random stream, so the cases above keep their inputs): a NaN value
+  // and an inf key mid-chunk; -inf resets and -1e20 decays.
+  const Case edges[] = {
+      {0, 1, 2, 70, 16, 20, LEET_DECAY_PER_POSITION, false, true, true, false, 32, 16, 64, 40, false},
+      {0, 1, 1, 40, 16, 16, LEET_DECAY_PER_HEAD, false, false, false, false, 64, 16, 64, 21, false},
+      {0, 1, 2, 40, 16, 16, LEET_DECAY_PER_POSITION, false, true, false, true, 0, 0, 0, 30, false},
+      {0, 1, 2, 100, 32, 24, LEET_DECAY_PER_POSITION, false, true, false, false, 32, 32, 64, -1, true},
+      {0, 1, 1, 60, 16, 16, LEET_DECAY_PER_POSITION, false, true, true, true, 0, 0, 0, -1, true},
+  };
   bool ok = true;
-  for (int dtype : {LEET_FLOAT32, LEET_FLOAT64, LEET_FLOAT16, LEET_BFLOAT16}) {
-    for (Case c : shapes) {
-      c.dtype = dtype;
-      switch (dtype) {
-        case LEET_FLOAT32: ok = run_case<float>(c, rng) && ok; break;
-        case LEET_FLOAT64: ok = run_case<double>(c, rng) && ok; break;
-        case LEET_FLOAT16: ok = run_case<__half>(c, rng) && ok; break;
-        default: ok = run_case<__nv_bfloat16>(c, rng) && ok; break;
+  auto run_all = [&ok](const Case* cases, size_t count, unsigned seed) {
+    std::mt19937 rng(seed);
+    for (int dtype : {LEET_FLOAT32, LEET_FLOAT64, LEET_FLOAT16, LEET_BFLOAT16}) {
+      for (size_t i = 0; i < count; ++i) {
+        Case c = cases[i];
+        c.dtype = dtype;
+        switch (dtype) {
+          case LEET_FLOAT32: ok = run_case<float>(c, rng) && ok; break;
+          case LEET_FLOAT64: ok = run_case<double>(c, rng) && ok; break;
+          case LEET_FLOAT16: ok = run_case<__half>(c, rng) && ok; break;
+          default: ok = run_case<__nv_bfloat16>(c, rng) && ok; break;
+        }
       }
     }
-  }
+  };
+  run_all(shapes, sizeof(shapes) / sizeof(shapes[0]), 1234);
+  run_all(edges, sizeof(edges) / sizeof(edges[0]), 4321);
   std::printf(ok ? "ALL PASS\n" : "SOME FAILED\n");
   return ok ? 0 : 1;
 }
