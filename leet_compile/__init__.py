@@ -11,6 +11,7 @@ import torch
 
 from leet_compile.ops import BACKENDS, METHODS, library_path
 from leet_compile.ops.decay_attn import call_decay_attn, compute_dtype
+from leet_compile.ops.varlen import decay_attn_varlen  # registers leet::decay_attn_varlen
 
 
 def decay_attn(
@@ -24,6 +25,7 @@ def decay_attn(
     output_final_state: bool = False,
     method: str = "auto",
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Exponentially decaying causal linear attention.
 
@@ -49,10 +51,17 @@ def decay_attn(
             any device, written with ATen ops), ``"cpu"`` (the fused CPU kernel, chunked),
             ``"triton"`` / ``"cuda"`` (GPU kernels); ``"auto"`` picks the fastest available.
 
+        cu_seqlens: packed sequences: ``[N + 1]`` int offsets (0 first, T last); q, k, v are
+            ``[1, H, T, *]``, states ``[N, H, K, V]``, log_decay ``[H]`` or ``[1, H, T]``.
+            See :mod:`leet_compile.ops.varlen`.
+
     Returns:
         ``o`` of shape ``[B, H, T, V]`` in v's dtype, or ``(o, final_state)`` with
         ``final_state`` of shape ``[B, H, K, V]`` (float32; float64 for float64 inputs).
     """
+    if cu_seqlens is not None:  # packed sequences: the leet::decay_attn_varlen op (ops/varlen.py)
+        return decay_attn_varlen(q, k, v, log_decay, cu_seqlens, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, method=method, backend=backend)
     o, state = call_decay_attn(
         q, k, v, log_decay, scale, initial_state, output_final_state, method, backend
     )
