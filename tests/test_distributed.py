@@ -20,9 +20,14 @@ def free_port():
 
 
 def spawn(fn, world):
+    """Runs fn(rank, world, port) in `world` processes. They fork from one forkserver that has
+    imported torch and leet_compile once (spawning fresh interpreters costs seconds each here)."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(world, free_port()), nprocs=world, join=True)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "leet_compile", "_dist_workers"])
+    mp.start_processes(fn, args=(world, free_port()), nprocs=world, join=True, start_method="forkserver")
 
 
 @pytest.mark.parametrize("world", [2, 4])
