@@ -12,6 +12,7 @@ on B sequences.
     python examples/fsdp_train.py --world 4 --steps 10 --dtype float32
 """
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -85,23 +86,31 @@ def make_batches(steps, batch, seq_len, vocab=128):
     return batches
 
 
-def train(model, batches, lr, rank=0, world=1):
-    """SGD on next-token cross entropy; rank r trains on rows r::world. Returns the global loss per step."""
-    step_fn = torch.compile(model, backend="leet")
+def train(model, batches, lr, rank=0, world=1, compile=True):
+    """SGD on next-token cross entropy; rank r trains on rows r::world.
+
+    Returns (the global loss per step, how many times torch.ops.leet.decay_attn ran in the last
+    step, forward and backward: > 0 shows that the "leet" backend rewrote the retention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn = torch.compile(model, backend="leet") if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
-    for tokens in batches:
-        tokens = tokens[rank::world]
-        logits = step_fn(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for i, tokens in enumerate(batches):
+        last = i == len(batches) - 1
+        with profile(activities=[ProfilerActivity.CPU]) if last else contextlib.nullcontext() as prof:
+            tokens = tokens[rank::world]
+            logits = step_fn(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         total = loss.detach().double()
         if world > 1:
             dist.all_reduce(total)
         losses.append(total.item() / world)
-    return losses
+    calls = sum(1 for e in prof.events() if e.name == "leet::decay_attn")
+    return losses, calls
 
 
 def _worker(rank, world, port, args, out_path):
@@ -117,9 +126,9 @@ def _worker(rank, world, port, args, out_path):
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        losses = train(model, make_batches(args.steps, args.batch, args.seq_len), args.lr, rank, world)
+        result = train(model, make_batches(args.steps, args.batch, args.seq_len), args.lr, rank, world)
         if rank == 0:
-            torch.save(losses, out_path)
+            torch.save(result, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -143,12 +152,14 @@ def run_fsdp(args):
 
 
 def run_single(args):
-    """Losses of one process on the whole batch (same model, same backend, no FSDP)."""
+    """Losses of one process on the whole batch (no FSDP; compiled with "leet" too unless
+    --reference eager, which runs the naive masked form as written)."""
     import leet_compile  # noqa: F401
 
     torch.set_num_threads(1)
     model = make_model(getattr(torch, args.dtype), args.layers)
-    return train(model, make_batches(args.steps, args.batch, args.seq_len), args.lr)
+    return train(model, make_batches(args.steps, args.batch, args.seq_len), args.lr,
+                 compile=args.reference == "compiled")
 
 
 def parse_args(argv=None):
@@ -160,6 +171,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--reference", default="compiled", choices=["compiled", "eager"],
+                   help="how the one-process reference runs (eager: one compile less, for CI)")
     return p.parse_args(argv)
 
 
@@ -170,9 +183,9 @@ def main(argv=None):
     print(f"FSDP2 + torch.compile(backend='leet'): {args.world} gloo ranks, {args.steps} steps, "
           f"batch {args.batch}, T {args.seq_len}, {args.dtype}", flush=True)
     t0 = time.perf_counter()
-    fsdp = run_fsdp(args)
+    fsdp, fsdp_calls = run_fsdp(args)
     t1 = time.perf_counter()
-    single = run_single(args)
+    single, single_calls = run_single(args)
     print(f"(FSDP2 run {t1 - t0:.1f} s, one-process run {time.perf_counter() - t1:.1f} s, compiles included)")
     tol = 1e-10 if args.dtype == "float64" else 1e-5
     worst = 0.0
@@ -180,8 +193,12 @@ def main(argv=None):
         rel = abs(a - b) / abs(b)
         worst = max(worst, rel)
         print(f"step {i}: loss FSDP2 x{args.world} {a:.12f}   one process {b:.12f}   rel diff {rel:.1e}")
-    ok = len(fsdp) == len(single) == args.steps and worst <= tol and single[-1] < single[0]
-    print(("OK" if ok else "MISMATCH") + f": worst relative difference {worst:.1e} (tolerance {tol:.0e})")
+    print(f"torch.ops.leet.decay_attn calls in the last step (forward + backward): rank 0 of FSDP2 "
+          f"{fsdp_calls}, one process {single_calls}")
+    ok = (len(fsdp) == len(single) == args.steps and worst <= tol and single[-1] < single[0]
+          and fsdp_calls >= 2 * args.layers)
+    print(("OK" if ok else "MISMATCH") + f": worst relative difference {worst:.1e} (tolerance {tol:.0e}), "
+          f"loss {single[0]:.4f} -> {single[-1]:.4f}")
     return fsdp, single, ok
 
 

@@ -2,12 +2,18 @@
 process (forward, backward, every decay form, float64, bytes per rank), DTensor sharding rules,
 and the FSDP2 + torch.compile training example. One spawn per world size; the cases run inside
 the workers (tests/_dist_workers.py)."""
+import os
 import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+
+# examples/ on the path before the forkserver starts, so that its children can import fsdp_train
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.append(EXAMPLES)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -71,3 +77,12 @@ def test_import_does_no_work():
             "assert 'torch.distributed.tensor' not in sys.modules, 'DTensor imported'; "
             "assert not d._REGISTERED")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fsdp2_compile_example_loss_equals_one_process():
+    """examples/fsdp_train.py on 2 gloo ranks (FSDP2 fully_shard + torch.compile(backend="leet")):
+    the loss at every step equals one process's (float64), the retention ran as decay_attn."""
+    import fsdp_train
+
+    fsdp, single, ok = fsdp_train.main(["--world", "2", "--layers", "1", "--steps", "3", "--reference", "eager"])
+    assert ok, (fsdp, single)
