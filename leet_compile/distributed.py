@@ -46,10 +46,14 @@ _COUNTERS: list = []  # active count_collective_bytes() records
 @contextlib.contextmanager
 def count_collective_bytes():
     """Records every collective :func:`context_parallel_decay_attn` issues (forward and backward)
-    while the block runs: a list of dicts ``{"op", "sent", "received"}`` with the bytes of the
-    tensor this rank hands to the collective (``sent``) and the bytes of the other ranks' data it
-    gets back (``received``), as the collective's result defines them (wire-level traffic of a
-    particular algorithm, e.g. a ring, is of the same order: (W - 1) / W of the gathered buffer)."""
+    while the block runs, on this rank: a list of dicts ``{"op", "sent", "received"}`` in bytes.
+
+    The counts are the collective's logical payload, from the sizes of the tensors passed to it:
+    ``sent`` is this rank's data that ends up in other ranks' results (all_gather: its own
+    contribution of n bytes; reduce_scatter: the W - 1 slices of its W*n-byte input that other
+    ranks reduce), ``received`` the other ranks' data that this rank's result is made of
+    (all_gather: (W - 1)*n; reduce_scatter: (W - 1)*n). A ring implementation moves (W - 1)*n
+    bytes in and out of each rank for either collective."""
     records: list = []
     _COUNTERS.append(records)
     try:
