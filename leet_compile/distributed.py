@@ -238,15 +238,16 @@ def register_dtensor_sharding():
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
-    def placements(args, dim, state_arg, tensor_dims, varlen=False):
-        """Input placements for every argument of the op: `dim` the q/k/v sharded dim (None: replicate)."""
+    def placements(args, dim, tensor_args):
+        """Input placements for every argument of the op (None for non-tensors): `dim` is the
+        sharded dim of q, k, v and the state (None: everything replicated)."""
         out = []
         for i, a in enumerate(args):
-            if not hasattr(a, "shape") or a is None:
+            if not hasattr(a, "shape"):
                 out.append(None)
             elif dim is None:
                 out.append(Replicate())
-            elif i in tensor_dims:  # q, k, v, initial_state
+            elif i in tensor_args:  # q, k, v, initial_state
                 out.append(Shard(dim))
             elif i == 3:  # log_decay: [H] or [B, H, T]
                 if len(a.shape) == 1:
@@ -263,7 +264,7 @@ def register_dtensor_sharding():
         rules = []
         for dim in (0, 1, None):
             p_out = Replicate() if dim is None else Shard(dim)
-            rules.append(([p_out, p_out if final else Replicate()], placements(args, dim, 5, (0, 1, 2, 5))))
+            rules.append(([p_out, p_out if final else Replicate()], placements(args, dim, (0, 1, 2, 5))))
         return rules
 
     @register_sharding(torch.ops.leet.decay_attn_varlen.default)
@@ -272,7 +273,7 @@ def register_dtensor_sharding():
         rules = []
         for dim in (1, None):
             p_out = Replicate() if dim is None else Shard(dim)
-            rules.append(([p_out, p_out if final else Replicate()], placements(args, dim, 6, (0, 1, 2, 6))))
+            rules.append(([p_out, p_out if final else Replicate()], placements(args, dim, (0, 1, 2, 6))))
         return rules
 
     _REGISTERED = True

@@ -92,6 +92,28 @@ def context_parallel(rank, world, port):
     check("default scale", context_parallel_decay_attn(q[:, :, sl], k[:, :, sl], v[:, :, sl], a[..., sl]),
           o[:, :, sl], 1e-13)
 
+    # float32 inputs: float32 output, float32 state arithmetic
+    q32, k32, v32, a32 = (x.float() for x in (q, k, v, a))
+    o32 = leet_compile.decay_attn(q32, k32, v32, a32, scale=0.5)
+    o32_r = context_parallel_decay_attn(q32[:, :, sl], k32[:, :, sl], v32[:, :, sl], a32[..., sl], scale=0.5)
+    if o32_r.dtype != torch.float32:
+        raise AssertionError(f"float32 inputs gave {o32_r.dtype}")
+    check("float32 o", o32_r, o32[:, :, sl], 1e-5)
+
+    if world == 2:  # torch.compile traces it (collectives included) into one graph, same numbers
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        x = [t[:, :, sl].clone().requires_grad_() for t in (q, k, v)] + [a[..., sl].clone().requires_grad_()]
+        y = [t.detach().clone().requires_grad_() for t in x]
+        f = torch.compile(context_parallel_decay_attn, backend="aot_eager", fullgraph=True)
+        f(*x, output_final_state=False).sum().backward()
+        context_parallel_decay_attn(*y).sum().backward()
+        if counters["stats"]["unique_graphs"] != 1:
+            raise AssertionError(f"torch.compile: {dict(counters['stats'])}")
+        for name, s, t in zip(["q", "k", "v", "log_decay"], x, y):
+            check(f"compiled d{name}", s.grad, t.grad, 1e-13)
+
     # communication: one all_gather of B*H*(K*V + 1) float64 numbers forward, one reduce_scatter
     # backward, whatever T
     expected = B * H * (K * V + 1) * 8
