@@ -53,7 +53,8 @@ def count_collective_bytes():
     contribution of n bytes; reduce_scatter: the W - 1 slices of its W*n-byte input that other
     ranks reduce), ``received`` the other ranks' data that this rank's result is made of
     (all_gather: (W - 1)*n; reduce_scatter: (W - 1)*n). A ring implementation moves (W - 1)*n
-    bytes in and out of each rank for either collective."""
+    bytes in and out of each rank for either collective. Eager calls only: inside a compiled
+    function the collectives are recorded once, when traced."""
     records: list = []
     _COUNTERS.append(records)
     try:
