@@ -72,8 +72,15 @@ def _nbytes(t):
     return t.numel() * t.element_size()
 
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _all_gather_single(out, x, group):
+    # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x, group=group)
+
+
+def _reduce_scatter_single(out, x, group):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x, group=group)
 
 
 class _AllGather(torch.autograd.Function):
