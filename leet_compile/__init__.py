@@ -11,6 +11,7 @@ import torch
 
 from leet_compile.ops import BACKENDS, METHODS, library_path
 from leet_compile.ops.decay_attn import call_decay_attn, compute_dtype
+from leet_compile.ops.varlen import decay_attn_varlen  # registers leet::decay_attn_varlen
 
 
 def decay_attn(
@@ -25,6 +26,7 @@ def decay_attn(
     method: str = "auto",
     backend: str = "auto",
     layout: str = "bhtd",
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Exponentially decaying causal linear attention.
 
@@ -57,6 +59,9 @@ def decay_attn(
             Nothing is copied to change layout: the op reads the inputs in place through
             their strides, and ``o`` is a transposed view of the op's output.
             States are ``[B, H, K, V]`` in both layouts.
+        cu_seqlens: packed sequences: ``[N + 1]`` int offsets (0 first, T last); q, k, v are
+            ``[1, H, T, *]``, states ``[N, H, K, V]``, log_decay ``[H]`` or ``[1, H, T]``.
+            See :mod:`leet_compile.ops.varlen`.
 
     Returns:
         ``o`` of shape ``[B, H, T, V]`` in v's dtype, or ``(o, final_state)`` with
@@ -72,9 +77,12 @@ def decay_attn(
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if log_decay is not None and log_decay.dim() == 3:
             log_decay = log_decay.transpose(1, 2)
-    o, state = call_decay_attn(
-        q, k, v, log_decay, scale, initial_state, output_final_state, method, backend
-    )
+    if cu_seqlens is not None:  # packed sequences: the leet::decay_attn_varlen op (ops/varlen.py)
+        out = decay_attn_varlen(q, k, v, log_decay, cu_seqlens, scale=scale, initial_state=initial_state,
+                                output_final_state=output_final_state, method=method, backend=backend)
+        o, state = out if output_final_state else (out, None)
+    else:
+        o, state = call_decay_attn(q, k, v, log_decay, scale, initial_state, output_final_state, method, backend)
     if layout == "bthd":
         o = o.transpose(1, 2)
     return (o, state) if output_final_state else o
