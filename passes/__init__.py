@@ -27,6 +27,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     in-place writes are computed once.
     """
     from .canonical import describe
+    from .einsum_split import split_einsum
     from .functionalize import functionalize_fresh
     from .graph import is_contraction
     from .match import analyze
@@ -39,6 +40,13 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     fake_mode = _fake_mode(graph)
     changed = functionalize_fresh(graph, order)
     writes = Writes(order)
+    # n-ary einsums as chains of two-operand ones (put back where nothing is rewritten)
+    splits = []
+    for n in list(graph.nodes):
+        chain = split_einsum(graph, n, fake_mode) if n.users else []
+        if chain:
+            n.replace_all_uses_with(chain[-1])
+            splits.append((n, chain))
     for n in list(graph.nodes):
         if n.graph is not graph or not is_contraction(n) or not n.users:
             continue
@@ -55,18 +63,30 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
                         graph.erase_node(x)
                 raise
         except Unproven as e:
-            report.near_miss(n, e)
+            report.near_miss(_origin(n, splits), e)
             continue
         except Exception as e:  # an analysis bug must never break compilation
-            report.internal_error(n, e)
+            report.internal_error(_origin(n, splits), e)
             continue
         decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
-        report.rewritten(n, decay=decay, scale=scale)
+        report.rewritten(_origin(n, splits), decay=decay, scale=scale)
         _remove_dead(graph, match.interp.nodes | {n})
-    if report.rewrites or changed:
+    for n, chain in splits:
+        if chain[-1].users:  # not consumed by a rewrite: the einsum as the user wrote it
+            chain[-1].replace_all_uses_with(n)
+        _remove_dead(graph, set(chain) | ({n} if not n.users else set()))
+    if report.rewrites or changed or splits:
         graph.lint()
         gm.recompile()
     return report
+
+
+def _origin(n, splits):
+    """The einsum the user wrote, for a node of one of its two-operand chains."""
+    for original, chain in splits:
+        if n in chain:
+            return original
+    return n
 
 
 def _fake_mode(graph):
@@ -82,19 +102,30 @@ def _fake_mode(graph):
 
 
 class _Order(dict):
-    """Node -> position, computed once.  A node inserted later (by a rewrite) gets a
-    position just after the nearest earlier node that has one, on first lookup."""
+    """Node -> position, computed once.  Nodes inserted later (by a rewrite) get, on
+    first lookup, positions spread evenly between the nearest positioned nodes before
+    and after them."""
 
     def __init__(self, graph):
         super().__init__((x, float(k)) for k, x in enumerate(graph.nodes))
 
+    def _known(self, x):
+        return x.op != "root" and dict.__contains__(self, x)
+
     def __missing__(self, x):
-        prev, steps = x.prev, 1
-        while prev.op != "root" and not dict.__contains__(self, prev):
-            prev, steps = prev.prev, steps + 1
-        base = dict.__getitem__(self, prev) if prev.op != "root" else -1.0
-        self[x] = base + steps * 1e-7
-        return self[x]
+        run, prev = [x], x.prev
+        while prev.op != "root" and not self._known(prev):
+            run.insert(0, prev)
+            prev = prev.prev
+        nxt = x.next
+        while nxt.op != "root" and not self._known(nxt):
+            run.append(nxt)
+            nxt = nxt.next
+        lo = dict.__getitem__(self, prev) if prev.op != "root" else -1.0
+        hi = dict.__getitem__(self, nxt) if nxt.op != "root" else lo + 1.0
+        for k, y in enumerate(run):
+            dict.__setitem__(self, y, lo + (hi - lo) * (k + 1) / (len(run) + 1))
+        return dict.__getitem__(self, x)
 
 
 def _remove_dead(graph, candidates):

@@ -24,6 +24,7 @@ class MaskInterpreter:
         self.h_split = None
         self.nodes = set()
         self.opaque = set()
+        self.values = {}  # node -> constant value (constant_value's memo)
 
     def ev(self, n, roles):
         if not isinstance(n, torch.fx.Node):
@@ -56,6 +57,9 @@ class MaskInterpreter:
                 c = self.constant(n)
                 if c is not None:
                     return T.pw_const(T.num(c))
+                ramp = self.constant_ramp(n, roles)
+                if ramp is not None:
+                    return ramp
                 raise Unproven(f"{n.name} is a constant [T, T] tensor: a mask read from a buffer "
                                "cannot be proven (build it in forward from torch.arange)")
             return self.leaf(n, roles)
@@ -110,12 +114,69 @@ class MaskInterpreter:
         except (RuntimeError, TypeError, OverflowError):
             return None
 
+    def constant_value(self, n, budget=64):
+        """n's value when the graph fixes it (computed from constant tensors and literals
+        only, a small subgraph), as a real tensor; else None."""
+        if n in self.values:
+            return self.values[n]
+        self.values[n] = None
+        if not isinstance(n, torch.fx.Node) or budget <= 0:
+            return None
+        value = None
+        if n.op == "get_attr":
+            owner = n.graph.owning_module
+            t = getattr(owner, n.target, None) if owner is not None else None
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) and t.numel() <= 4096:
+                value = t
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and \
+                not n.target._schema.is_mutable or n.target is aten.detach_.default:
+            args = []
+            for a in n.args:
+                if isinstance(a, torch.fx.Node):
+                    a = self.constant_value(a, budget - 1)
+                    if a is None:
+                        return None
+                elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in a):
+                    return None
+                args.append(a)
+            if any(isinstance(x, torch.fx.Node) for x in n.kwargs.values()):
+                return None
+            try:
+                target = aten.detach.default if n.target is aten.detach_.default else n.target
+                value = target(*args, **n.kwargs)
+            except Exception:  # an op that cannot run on real tensors here: not a constant
+                value = None
+            if not isinstance(value, torch.Tensor) or value.numel() > 4096:
+                value = None
+        self.values[n] = value
+        return value
+
+    def constant_ramp(self, n, roles):
+        """A constant 1-D tensor that holds start + step * i exactly (q.new_tensor(range(T))),
+        as that index expression; else None."""
+        owner = n.graph.owning_module
+        t = getattr(owner, n.target, None) if owner is not None else None
+        pos = [r for r in roles if r in POS]
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or \
+                t.dim() != 1 or len(pos) != 1 or t.numel() < 2 or t.dtype == torch.bool or t.is_complex():
+            return None
+        start, step = t[0].item(), (t[1] - t[0]).item()
+        if not all(float(x).is_integer() for x in (start, step)):
+            return None
+        start, step = int(start), int(step)
+        ramp = torch.arange(t.numel(), dtype=torch.float64) * step + start
+        if not torch.equal(t.to(torch.float64), ramp):
+            return None
+        return T.pw_const(T.aff(start, {T.Pos(pos[0]): step}))
+
     def scores_contraction(self, n, roles):
         """The scores q . k (a contraction whose result depends on both positions)."""
         pos = [r for r in roles if r in POS]
         if len(pos) < 2:
             return self.leaf(n, roles)
         (a, ra), (b, rb), contracted = contraction_roles(n, roles)
+        if contracted == 0:  # an einsum that contracts nothing is a product
+            return in_dtype(val(n).dtype, T.pw_mul(self.ev(a, ra), self.ev(b, rb)))
         if contracted != 1:
             raise Unproven("the scores contract over more than one dim")
         pa = [r for r in ra if r in POS]

@@ -112,8 +112,8 @@ def analyze(n, writes):
 
 def _prove(n, out_roles, p, rp, v, rv, size, writes):
     last, check = _position_range(size)
-    facts = T.Facts(last, last)
     interp = MaskInterpreter()
+    facts = T.Facts(last, last, value_of=interp.constant_value)
     with T.facts_for(facts):
         pw = interp.ev(p, rp)
         if interp.scores is None:
@@ -133,11 +133,24 @@ def _prove(n, out_roles, p, rp, v, rv, size, writes):
 
 
 def _unit_roundoff(n):
+    """The unit roundoff of the site's result: its dtype's, or that of the cast it goes
+    through straight away (a float32 contraction whose result is cast to bf16 is a bf16
+    result)."""
     from .arith import unit_roundoff
     from .graph import val
 
-    dt = val(n).dtype
-    return unit_roundoff(dt) if dt.is_floating_point else unit_roundoff(torch.float64)
+    u = 0.0
+    for _ in range(8):
+        v = val(n)
+        if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+            u = max(u, unit_roundoff(v.dtype))
+        if len(n.users) != 1:
+            break
+        (n,) = n.users
+        if packet(n) not in (aten._to_copy, aten.to, aten.view, aten.reshape, aten.transpose,
+                             aten.permute, aten.contiguous, aten.clone):
+            break
+    return u or unit_roundoff(torch.float64)
 
 
 def _operator_reads(interp, v, decay):

@@ -57,7 +57,9 @@ class Writes:
 
     def __init__(self, order):
         self.order = order
-        self.nodes = sorted((n for n in order if is_mutating(n)), key=order.__getitem__)
+        # detach_ changes autograd metadata, not values
+        self.nodes = sorted((n for n in order if is_mutating(n) and n.target is not torch.ops.aten.detach_.default),
+                            key=order.__getitem__)
         self.keys = [order[n] for n in self.nodes]
 
     def before(self, anchor):

@@ -26,7 +26,7 @@ class Builder:
         self.fake_mode = fake_mode
         interp = match.interp
         q, rq, k, rk, _ = interp.scores
-        names = tuple(r for r in match.out_roles[:-2] if r is not None)
+        names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
         self.split = names == ("bh",) and interp.h_split is not None
         if names == ("bh",) and not self.split:
             self.batch = ["b", "bh"]  # B' = 1, H' = B*H
@@ -230,9 +230,10 @@ def _preconditions(b, match):
                 if not ok:
                     raise Unproven("a decay coefficient has the wrong sign")
                 continue
-            if isinstance(fact, T.NonPositive):
+            if isinstance(fact, T.NonPositive):  # finite too: eager's exp(-inf * 0) is nan
                 checks.append(b.emit(aten.le.Scalar, c, 0))
-                texts.append(f"{T.recipe_str(fact.c)} <= 0")
+                checks.append(b.emit(aten.isfinite.default, c))
+                texts.append(f"{T.recipe_str(fact.c)} <= 0 and finite")
             else:
                 checks.append(b.emit(aten.gt.Scalar, c, 0))
                 texts.append(f"{T.recipe_str(fact.c)} > 0")
@@ -242,8 +243,10 @@ def _preconditions(b, match):
             w = b.coef(fact.w, bw)
             if not isinstance(w, float):
                 w = b.emit(aten.unsqueeze.default, w, -1)
-            checks.append(b.emit(aten.le.Scalar, b.emit(aten.mul.Tensor, a, w), 0))
-            texts.append(f"{T.recipe_str(fact.w)}*{T.root_name(node)} <= 0")
+            aw = b.emit(aten.mul.Tensor, a, w)
+            checks.append(b.emit(aten.le.Scalar, aw, 0))
+            checks.append(b.emit(aten.isfinite.default, aw))
+            texts.append(f"{T.recipe_str(fact.w)}*{T.root_name(node)} <= 0 and finite")
     if not checks:
         return None, texts
     pred = None
@@ -312,7 +315,7 @@ def _operator_call(b, match):
     o = b.emit(operator.getitem, op, 0)
 
     # back to the layout and dtype of the original output (size-1 batch dims unsqueezed)
-    names = tuple(r for r in match.out_roles[:-2] if r is not None)
+    names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
     if names == ("b", "h"):
         dims = ["b", "h", "i", "e"]
     elif names == ("bh",):

@@ -281,7 +281,8 @@ def _cumsum(it, n, roles):
     # the stable segment sum: x[i, j] = a_i * [i - j >= 1], summed over i
     if r == "i" and len(y) == 2 and y[0][1] == 0 and y[0][2] == T.ZERO and y[1][0] == 1:
         f = T.as_aff(y[1][2])
-        if f is not None and T.is_number(f[0]) and f[0] == 0 and f[1] and not f[2] and not f[3] and \
+        # (a rounding error of a_i is eager's own: log_decay recomputes a_i from the same data)
+        if f is not None and T.is_number(f[0]) and f[0] == 0 and f[1] and \
                 all(isinstance(k, T.Leaf) and k.p == "i" for k in f[1]):
             atoms = {}
             for k, v in f[1].items():
@@ -314,7 +315,7 @@ def _noop(it, n, roles):
     return it.ev(n.args[0], roles)
 
 
-@rule(aten.detach, rounds=False)
+@rule(aten.detach, aten.detach_, rounds=False)
 def _detach(it, n, roles):
     return T.pw_map(lambda lo, hi, t: _t_detach(t), it.ev(n.args[0], roles))
 

@@ -299,6 +299,41 @@ class Facts:
     ti: int
     tj: int
     assumed: set = dataclasses.field(default_factory=set)
+    value_of: Any = None  # node -> its constant value (a tensor) when the graph fixes it, else None
+
+    def coef_range(self, c):
+        """(low, high) over the elements of a coefficient whose value the graph fixes
+        (a number, or a recipe of constant tensors), else None."""
+        if is_number(c):
+            return c, c
+        t = self._eval(c)
+        if t is None or t.numel() == 0 or not bool(t.isfinite().all()):
+            return None
+        return t.min().item(), t.max().item()
+
+    def _eval(self, c):
+        import torch
+
+        if isinstance(c, RNode):
+            return self.value_of(c.node) if self.value_of is not None else None
+        if isinstance(c, RScaled):
+            t = self._eval(c.r)
+            return None if t is None else t * c.k
+        if isinstance(c, (RSum, RProd)):
+            a, b = (x if is_number(x) else self._eval(x) for x in (c.a, c.b))
+            if a is None or b is None:
+                return None
+            try:  # the two sides may index different dims: their elementwise ranges
+                return (a + b) if isinstance(c, RSum) else (a * b)
+            except RuntimeError:
+                return None
+        if isinstance(c, RFn):
+            t = self._eval(c.r)
+            if t is None:
+                return None
+            return {"log": torch.log, "exp": torch.exp, "recip": torch.reciprocal,
+                    "detach": lambda x: x}[c.fn](t)
+        return None
 
 
 _facts = []
@@ -365,6 +400,10 @@ def bounds(t, lo, hi, decay=False):
             if coef != 0:
                 x, y = coef * a, coef * b
                 low, high = low + min(x, y), high + max(x, y)
+    elif cadd(ci, cj) == 0 and f.coef_range(ci) is not None:  # a coefficient the graph fixes
+        cl, ch = f.coef_range(ci)
+        prods = [x * y for x in (cl, ch) for y in (dlo, dhi) if math.isfinite(y) or x != 0]
+        low, high = low + min(prods), high + max(prods)
     elif decay and cadd(ci, cj) == 0:
         f.assumed.add(NonPositive(ci))  # ci * d <= 0 for d >= 0
         low, high = low + (-INF if dhi > 0 else 0), high + (INF if dlo < 0 else 0)
@@ -579,9 +618,11 @@ def t_pow(base, e, lo=-INF, hi=INF):
     fb = as_aff(base)
     if fb is not None and not fb[1] and fb[2] == 0 and fb[3] == 0 and as_aff(e) is not None:
         b = fb[0]
-        if is_number(b) and b <= 0:
-            raise Unproven(f"a power of the non-positive base {b} (eager: 0, 1 or alternating signs)")
-        if not is_number(b):
+        known = facts().coef_range(b)
+        if known is not None and known[0] <= 0:
+            raise Unproven(f"a power of a base that is {known[0]:.3g} somewhere (eager: 0, 1 or "
+                           "alternating signs)")
+        if known is None:
             facts().assumed.add(Positive(b))  # log(b) needs b > 0: a run-time check
         return t_exp(t_mul(e, aff(clog(b)), lo, hi))  # b ** x == exp(x log b)
     if isinstance(base, Exp) and isinstance(e, Num):

@@ -186,16 +186,19 @@ class <lambda>(torch.nn.Module):
         squeeze_dims: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
         unsqueeze_default: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims, 0);  squeeze_dims = None
         log_default: "f32[1, 4]" = torch.ops.aten.log.default(unsqueeze_default);  unsqueeze_default = None
-        le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0);  log_default = None
+        le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0)
+        isfinite_default: "b8[1, 4]" = torch.ops.aten.isfinite.default(log_default);  log_default = None
         squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2]);  unsqueeze_3 = None
         unsqueeze_default_1: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_1, 0);  squeeze_dims_1 = None
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
-        all_default_1: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        all_default_1: "b8[]" = torch.ops.aten.all.default(isfinite_default);  isfinite_default = None
         logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
+        all_default_2: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        logical_and_default_1: "b8[]" = torch.ops.aten.logical_and.default(logical_and_default, all_default_2);  logical_and_default = all_default_2 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
-        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
+        cond = torch.ops.higher_order.cond(logical_and_default_1, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default_1 = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
         getitem_1: "f32[1, 4, 8, 4]" = cond[0];  cond = None
         return getitem_1
     class leet_fast_0(torch.nn.Module):
@@ -250,16 +253,19 @@ class <lambda>(torch.nn.Module):
         squeeze_dims: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2])
         unsqueeze_default: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims, 0);  squeeze_dims = None
         log_default: "f32[1, 4]" = torch.ops.aten.log.default(unsqueeze_default);  unsqueeze_default = None
-        le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0);  log_default = None
+        le_scalar: "b8[1, 4]" = torch.ops.aten.le.Scalar(log_default, 0)
+        isfinite_default: "b8[1, 4]" = torch.ops.aten.isfinite.default(log_default);  log_default = None
         squeeze_dims_1: "f32[4]" = torch.ops.aten.squeeze.dims(unsqueeze_3, [1, 2]);  unsqueeze_3 = None
         unsqueeze_default_1: "f32[1, 4]" = torch.ops.aten.unsqueeze.default(squeeze_dims_1, 0);  squeeze_dims_1 = None
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
-        all_default_1: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        all_default_1: "b8[]" = torch.ops.aten.all.default(isfinite_default);  isfinite_default = None
         logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
+        all_default_2: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        logical_and_default_1: "b8[]" = torch.ops.aten.logical_and.default(logical_and_default, all_default_2);  logical_and_default = all_default_2 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
-        cond = torch.ops.higher_order.cond(logical_and_default, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
+        cond = torch.ops.higher_order.cond(logical_and_default_1, leet_fast_0, leet_slow_0, (q_1, k_1, v_1, g_1));  logical_and_default_1 = leet_fast_0 = leet_slow_0 = q_1 = k_1 = v_1 = g_1 = None
         getitem_1: "f32[8, 8, 4]" = cond[0];  cond = None
         view: "f32[2, 4, 8, 4]" = torch.ops.aten.view.default(getitem_1, [2, 4, 8, 4]);  getitem_1 = None
         return view

@@ -43,10 +43,7 @@ KNOWN_MISSES = {
     "torchscale_retention_pypi": "inf times a value of unknown sign",
     "torchscale_mask_only": "inf times a value of unknown sign",
     "torchscale_msr_layer": "inf times a value of unknown sign",
-    "fla_naive_retention": "einsum with other than two operands",
     "fla_simple_gla_chunk": "aten.select.int gives a value that depends on both i and j (data-dependent mask)",
-    "mamba2_ssd_diag": "(not reported: the four-operand einsum is not seen as a contraction)",
-    "mamba2_ssd_diag_unstable": "(not reported: the four-operand einsum is not seen as a contraction)",
     "mamba2_ssd_minimal": "(not reported: the four-operand einsum is not seen as a contraction)",
     "yet_another_retnet": "aten.masked_fill_.Scalar gives a value that depends on both i and j (data-dependent mask)",
     "yet_another_retnet_nocache": "aten.masked_fill_.Scalar gives a value that depends on both i and j "
