@@ -8,7 +8,7 @@ write to a graph input, to a view, or to a tensor that has views is left as it i
 (mutation.py then keeps the site unproven while the write can matter)."""
 import torch
 
-from .mutation import alias_base, alias_class, written_arg
+from .mutation import alias_base, written_arg
 
 
 def _out_of_place(op):
@@ -36,8 +36,11 @@ def functionalize_fresh(graph, order):
             continue
         pure = _out_of_place(n.target)
         x = written_arg(n)
+        # x fresh (not a view, not an input) and without views of its own: every read of
+        # x is then a read of its value before or after this write
         if pure is None or not isinstance(x, torch.fx.Node) or x is not n.args[0] or \
-                x.op != "call_function" or alias_base(x) is not None or alias_class(x) != {x, n}:
+                x.op != "call_function" or alias_base(x) is not None or \
+                any(u is not n and alias_base(u) is x for u in x.users):
             continue
         with graph.inserting_before(n):
             y = graph.call_function(pure, n.args, n.kwargs)

@@ -77,8 +77,10 @@ class MaskInterpreter:
         """A value taken as it is: data at one position (a graph tensor read at i or j)."""
         pos = [r for r in roles if r in POS]
         if len(pos) != 1:
-            what = f"{n.target}" if n.op == "call_function" else f"the input {n.name}"
-            raise Unproven(f"{what} gives a value that depends on both positions i and j "
+            if n.op == "placeholder":
+                raise Unproven(f"the mask {n.name} is an input of this graph: it was computed outside it "
+                               "(before a graph break, e.g. from .item(), or in Python), so it cannot be proven")
+            raise Unproven(f"{n.target} gives a value that depends on both positions i and j "
                            "(a data-dependent mask cannot be proven)")
         self.opaque.add(n)
         key = (n, tuple("t" if r in POS else r for r in roles), False)

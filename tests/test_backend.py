@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -58,7 +60,9 @@ def test_dynamic_lengths_compile_once():
     compiled = torch.compile(model, backend="leet", dynamic=True)
     for T in (17, 32, 45):
         inputs = qkv(T=T)
-        torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)
+        ref = copy.deepcopy(model).double()(*[x.double() for x in inputs])
+        # eager's exp(C_i - C_j) cancels in float32; the operator differences inside chunks
+        assert rel_err(compiled(*inputs), ref) <= 2 * rel_err(model(*inputs), ref) + 1e-6
     assert counters["leet"]["decay_attn_rewrites"] == 1  # one graph for every length
 
 

@@ -45,9 +45,6 @@ KNOWN_MISSES = {
     "torchscale_msr_layer": "inf times a value of unknown sign",
     "fla_simple_gla_chunk": "aten.select.int gives a value that depends on both i and j (data-dependent mask)",
     "mamba2_ssd_minimal": "(not reported: the four-operand einsum is not seen as a contraction)",
-    "yet_another_retnet": "aten.masked_fill_.Scalar gives a value that depends on both i and j (data-dependent mask)",
-    "yet_another_retnet_nocache": "aten.masked_fill_.Scalar gives a value that depends on both i and j "
-                                  "(data-dependent mask)",
     "torchscale_msr_pypi": "inf times a value of unknown sign",
     "torchscale_decoder_pypi": "inf times a value of unknown sign",
 }
