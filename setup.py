@@ -155,8 +155,9 @@ def extension_kwargs():
     )
 
 
-os.chdir(HERE)
-setup(
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-    **extension_kwargs(),
-)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it
+    os.chdir(HERE)
+    setup(
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+        **extension_kwargs(),
+    )

@@ -30,9 +30,10 @@ step "sdist (python -m build --sdist --no-isolation)"
 SDIST=$(ls "$WORK"/dist/*.tar.gz)
 echo "    $(basename "$SDIST"): $(tar tzf "$SDIST" | wc -l) files"
 # every tracked source, header, doc and example that the build or a reader needs
+tar tzf "$SDIST" > "$WORK/sdist.txt"
 missing=0
 for f in $(git ls-files csrc docs examples build_backend LICENSE setup.py pyproject.toml README.md); do
-  tar tzf "$SDIST" | grep -qx "leet_compile-[^/]*/$f" || { echo "    missing from the sdist: $f"; missing=1; }
+  grep -qx "leet_compile-[^/]*/$f" "$WORK/sdist.txt" || { echo "    missing from the sdist: $f"; missing=1; }
 done
 [ $missing = 0 ] || exit 1
 

@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=None, help="seconds of samples per measurement (default 0.5)")
     p.add_argument("--max-time", type=float, default=None, help="stop sampling after this (default 5)")
     p.add_argument("--min-samples", type=int, default=None, help="default 5 (3 for calls slower than --max-time)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="start no measurement after this many seconds (the rest is recorded as not run); "
+                        "results so far are still printed and saved")
     p.add_argument("--methods-from", action="append", default=[], metavar="FILE",
                    help="a Python file that registers methods with harness.register_method (methods suite)")
     p.add_argument("--save", action="store_true", help="write <out>/<suite>_<device>.json and .md")
@@ -70,6 +73,7 @@ def main(argv=None):
     unknown = [n for n in names if n not in harness.SUITES]
     if unknown:
         p.error(f"unknown suite(s) {unknown}; known: {list(harness.SUITES)}")
+    args.deadline_at = time.time() + args.deadline if args.deadline else None
     failures = 0
     for name in names:
         failures += run_suite(harness.SUITES[name], args)
@@ -134,6 +138,11 @@ def run_suite(s, args):
             torch.set_num_threads(threads)
             for x in xs:
                 done += 1
+                if args.deadline_at and time.time() > args.deadline_at:
+                    print(f"   [{done}/{total}] {s.x_name}={x} {label}: not run (past the --deadline)", flush=True)
+                    results.append({"variant": label, "x": x, "threads": threads, "provider": "(all)",
+                                    "median_s": None, "note": f"not run: past the --deadline of {args.deadline:g} s"})
+                    continue
                 try:
                     case = s.fn(x, **{**params, **variant})
                 except Exception as e:
@@ -149,6 +158,8 @@ def run_suite(s, args):
                     r.update({k: harness.nan_safe(v) for k, v in case.info.get(provider, {}).items()})
                     results.append(r)
                     head = f"   [{done}/{total}] {s.x_name}={x:<6} {label + ' ' if label else ''}{provider:28s}"
+                    if args.deadline_at and time.time() > args.deadline_at and not isinstance(fn, str):
+                        fn = f"not run: past the --deadline of {args.deadline:g} s"
                     if isinstance(fn, str):
                         r["note"] = fn
                         print(f"{head} not run: {fn}", flush=True)

@@ -144,11 +144,12 @@ def prepare(params, args):
 
 
 @suite("gpu", x_name="T", x_vals=[1024, 2048, 4096, 8192, 16384, 32768], smoke_x_vals=[64, 130],
-       params=dict(B=8, H=16, K=128, V=128, dtype="bfloat16", device="cuda", aten_max_T=8192, accuracy_T=2048),
+       params=dict(B=8, H=16, K=128, V=128, dtype="bfloat16", device="cuda", aten_max_T=8192,
+                   naive_compile_max_T=8192, accuracy_T=2048),
        smoke_params=dict(B=1, H=2, K=16, V=16, accuracy_T=64),
        variants=[{"decay": d, "mode": m} for d in ("head", "position") for m in ("fwd", "fwd+bwd")],
        device="cuda", baseline="leet triton", prepare=prepare)
-def gpu_seq(T, B, H, K, V, dtype, device, aten_max_T, accuracy_T, decay, mode, impls):
+def gpu_seq(T, B, H, K, V, dtype, device, aten_max_T, naive_compile_max_T, accuracy_T, decay, mode, impls):
     """decay_attn on the GPU vs flash-linear-attention and the naive form; B=8 H=16 K=V=128 bf16, per-head and per-position decay, forward and forward+backward"""
     fwdbwd = mode == "fwd+bwd"
     q, k, v, a = make_problem(B, H, T, K, V, getattr(torch, dtype), decay, device, requires_grad=fwdbwd)
@@ -164,6 +165,9 @@ def gpu_seq(T, B, H, K, V, dtype, device, aten_max_T, accuracy_T, decay, mode, i
             continue
         if name == "leet aten" and T > aten_max_T:
             fns[name] = f"skipped above T={aten_max_T} (--param aten_max_T=...)"
+            continue
+        if name == "naive compile" and T > naive_compile_max_T:
+            fns[name] = f"skipped above T={naive_compile_max_T} (one compile per shape; --param naive_compile_max_T=...)"
             continue
         if name == "naive compile":
             # one compiled shape at a time: dynamo's recompile limit would otherwise
