@@ -54,6 +54,7 @@ part() {
   timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$? d=$(( $(date +%s) - s ))
   local st="PASS"; [ $rc -ne 0 ] && st="FAIL (rc $rc)"; [ $rc -eq 124 ] || [ $rc -eq 137 ] && st="TIMEOUT after ${limit}s"
+  [ $rc -eq 5 ] && [ "${3:-}" = "pytest" ] && { st="SKIPPED (pytest ran no test: see the skip reasons)"; rc=0; }
   STATUS+=("| $name | $st | ${d}s |")
   echo "   -> $st in ${d}s" | tee -a "$LOG"
   tail -n 3 "$LOG" | sed 's/^/      /'
@@ -89,7 +90,9 @@ if [ $DRY = 1 ]; then
   BENCH_ARGS=(--smoke --param device=cpu --x 64 130)
   DECODE_ARGS=(--smoke --param device=cpu)
   TEST_TIMEOUT=900
+  BUILD_TIMEOUT=1200   # a loaded 2-core machine
 else
+  BUILD_TIMEOUT=300
   BENCH_ARGS=(--min-time 0.2 --max-time 2 --min-samples 5)
   DECODE_ARGS=(--min-time 0.2 --max-time 1)
   TEST_TIMEOUT=200
@@ -104,7 +107,7 @@ build() {  # $1: LEET_BUILD_CUDA value
 export -f build
 export PY OUT
 if [ $DRY = 1 ]; then  # a CPU torch: LEET_BUILD_CUDA=auto leaves the CUDA kernels out
-  part "build (LEET_BUILD_CUDA=auto)" 300 bash -c "build auto"
+  part "build (LEET_BUILD_CUDA=auto)" $BUILD_TIMEOUT bash -c "build auto"
 elif ! part "build with CUDA kernels (sm_90)" 300 bash -c "build 1"; then
   part "build without CUDA kernels (fallback)" 150 bash -c "build 0"
 fi
