@@ -4,13 +4,16 @@
 #
 #   1. build leet_compile with the CUDA kernels for sm_90 (editable, --no-build-isolation,
 #      the machine's torch); if that fails, build without them so that the rest still runs
-#   2. GPU tests: tests/test_gpu.py, tests/test_cuda_kernels.py, tests/test_triton.py
+#   2. GPU tests: tests/test_gpu.py (every backend, the Triton kernels compiled for the GPU),
+#      tests/test_cuda_kernels.py
 #   3. torch.compile(backend="leet") and an AOTInductor package hold our Triton kernels,
 #      the package runs without leet_compile (benchmarks/gpu_compile_check.py)
 #   4. the side-by-side benchmark: benchmarks/run.py gpu-decode gpu (our Triton and CUDA
 #      paths, fla chunk_simple_gla with g_gamma and g, fused_recurrent_simple_gla, the naive
 #      form eager and compiled; B=8 H=16 K=V=128 bf16, T=1024..32768, fwd and fwd+bwd; the
-#      decode step), saved as <device>.json/.md and <device>_decode.json/.md
+#      decode step), saved as <device>.json/.md and <device>_decode.json/.md; it stops
+#      starting measurements at a deadline so that the script ends within its budget
+#   5. tests/test_triton.py (the kernels interpreted, as in CI), with what is left
 #
 # Each part runs under its own time limit, and a failing part does not stop the others.
 # Writes under $OUT (default ./gpu_check_out): summary.md (statuses, versions, tables),
@@ -91,6 +94,7 @@ if [ $DRY = 1 ]; then
   DECODE_ARGS=(--smoke --param device=cpu)
   TEST_TIMEOUT=900
   BUILD_TIMEOUT=1200   # a loaded 2-core machine
+  TRITON_RESERVE=0
 else
   BUILD_TIMEOUT=300
   BENCH_ARGS=(--min-time 0.2 --max-time 2 --min-samples 5)
@@ -119,9 +123,9 @@ print('cuda kernels', gpu.has_cuda_kernels(), 'triton', gpu.triton_available(), 
 assert gpu.has_cuda_kernels() or not torch.cuda.is_available(), 'a GPU machine must have the CUDA kernels'
 "
 
-# ---- 2. tests (Triton kernels compiled for the GPU in test_gpu.py; test_triton.py interprets)
+# ---- 2. GPU tests (test_gpu.py compiles the Triton kernels for the GPU and checks every
+# backend against float64; test_cuda_kernels.py the C++ CUDA kernels)
 part "tests/test_gpu.py tests/test_cuda_kernels.py" $TEST_TIMEOUT $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_cuda_kernels.py
-part "tests/test_triton.py" $TEST_TIMEOUT $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton.py
 
 # ---- 3. compile / AOTInductor hold the Triton kernels
 if [ $DRY = 1 ]; then
@@ -132,9 +136,13 @@ fi
 
 # ---- 4. benchmarks (decode first: short; then the sequence suite, cut at the budget)
 part "benchmark: decode step" 60 $PY benchmarks/run.py gpu-decode --save --out "$OUT" "${DECODE_ARGS[@]}"
-DEADLINE=$(( $(left) - 40 ))
+DEADLINE=$(( $(left) - 70 - TRITON_RESERVE ))
 [ $DEADLINE -lt 30 ] && DEADLINE=30
-part "benchmark: fwd, fwd+bwd side by side" $(( DEADLINE + 35 )) $PY benchmarks/run.py gpu --save --out "$OUT" --deadline $DEADLINE "${BENCH_ARGS[@]}"
+part "benchmark: fwd, fwd+bwd side by side" $(( DEADLINE + 60 )) $PY benchmarks/run.py gpu --save --out "$OUT" --deadline $DEADLINE "${BENCH_ARGS[@]}"
+
+# ---- 5. tests/test_triton.py last: it runs the Triton kernels under the interpreter (on CPU,
+# in a TRITON_INTERPRET=1 subprocess), as CI does, so on the GPU machine it only repeats CI
+part "tests/test_triton.py (interpreted)" $TEST_TIMEOUT $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton.py
 
 # ---- summary
 {

@@ -183,12 +183,12 @@ def run_suite(s, args):
                 del case
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if args.save:  # after every x: a run stopped from outside keeps what it measured
+                    save(s, env, results, dict(extra, complete=False), args)
     print(harness.tables(s, results))
     print(f"   {s.name}: {time.perf_counter() - start:.1f} s")
     if args.save:
-        basename = getattr(s.fn, "save_as", None)
-        basename = basename(env) if callable(basename) else None
-        base = harness.write_results(s, env, results, extra, args.out, basename)
+        base = save(s, env, results, dict(extra, complete=True), args)
         written = [base + ".json", base + ".md"]
         if args.plot:
             png = harness.plot(s, results, base + ".png")
@@ -198,6 +198,12 @@ def run_suite(s, args):
     elif args.plot:
         print("   --plot needs --save (nothing is written without it)")
     return failed
+
+
+def save(s, env, results, extra, args):
+    basename = getattr(s.fn, "save_as", None)
+    basename = basename(env) if callable(basename) else None
+    return harness.write_results(s, env, results, extra, args.out, basename)
 
 
 if __name__ == "__main__":

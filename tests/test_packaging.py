@@ -187,7 +187,7 @@ def test_registered_method_is_verified_against_float64(harness):
 
 
 def test_measure_reports_median_and_quartiles(harness):
-    t = harness.measure(lambda: sum(range(1000)), threads=1, min_time=0.05, max_time=0.2, min_samples=5)
+    t = harness.measure(lambda: sum(range(1000)), threads=1, min_time=0.05, max_time=10, min_samples=5)
     assert t.n >= 5 and t.q1 <= t.median <= t.q3 and t.threads == 1
 
 
