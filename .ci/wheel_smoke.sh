@@ -7,7 +7,7 @@
 #   4. .ci/smoke.py there: torch.compile(backend="leet") and torch.ops.leet.decay_attn in a
 #      process that never imports leet_compile, and the wheel's torch pin.
 # With --isolation, also (slow: each isolated build installs torch into its build env):
-#   5. pip install . (pip's default build isolation) into another fresh venv + smoke;
+#   5. pip install <the source tree> (pip's default build isolation) into another fresh venv + smoke;
 #   6. pip wheel <sdist> with build isolation + install + smoke.
 # Environment: VENV (dev venv with torch and the build tools), TORCH (spec for fresh venvs).
 set -euo pipefail
@@ -25,8 +25,12 @@ quiet() { grep --line-buffered -v "^WARNING: Location" || true; }
 t0=$(date +%s)
 step() { echo "==> [wheel smoke, $(( $(date +%s) - t0 )) s] $*"; }
 
-step "sdist (python -m build --sdist --no-isolation)"
-"$PY" -m build --sdist --no-isolation --outdir "$WORK/dist" . > "$WORK/sdist.log" 2>&1 || { tail -30 "$WORK/sdist.log"; exit 1; }
+step "sdist (python -m build --sdist --no-isolation) from a copy of the versioned files"
+# a copy: what is not tracked (or untracked-but-not-ignored) cannot leak into the sdist, and
+# the build leaves no egg-info in the checkout
+mkdir -p "$WORK/src"
+git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
+"$PY" -m build --sdist --no-isolation --outdir "$WORK/dist" "$WORK/src" > "$WORK/sdist.log" 2>&1 || { tail -30 "$WORK/sdist.log"; exit 1; }
 SDIST=$(ls "$WORK"/dist/*.tar.gz)
 echo "    $(basename "$SDIST"): $(tar tzf "$SDIST" | wc -l) files"
 # every tracked source, header, doc and example that the build or a reader needs
@@ -63,7 +67,7 @@ smoke "$WORK/venv"
 if [ $ISOLATION = 1 ]; then
   step "pip install . WITH build isolation into a new fresh venv (build env gets torch==2.13.0 or \$LEET_BUILD_TORCH)"
   fresh_venv "$WORK/venv-iso"
-  (cd "$WORK" && "$WORK/venv-iso/bin/python" -m pip install "$ROOT" > "$WORK/iso.log" 2>&1) || { tail -40 "$WORK/iso.log"; exit 1; }
+  (cd "$WORK" && "$WORK/venv-iso/bin/python" -m pip install "$WORK/src" > "$WORK/iso.log" 2>&1) || { tail -40 "$WORK/iso.log"; exit 1; }
   grep -E "leet_compile build:" "$WORK/iso.log" | sed 's/^/    /' || true
   smoke "$WORK/venv-iso"
 

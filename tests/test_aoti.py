@@ -67,7 +67,11 @@ def cpp_runner(tmp_path_factory):
         if cuda_home is None:
             pytest.skip(f"torch {torch.__version__} is a CUDA build and its CMake config needs a CUDA "
                         "toolkit, none found (set CUDA_HOME)")
-        configure += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
+        configure += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
+                      f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
+        nvrtc = _nvrtc_library(cuda_home)
+        if nvrtc:
+            configure.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
     result = timed("cmake configure", subprocess.run, configure, capture_output=True, text=True)
     if result.returncode != 0 and torch.version.cuda is not None:
         pytest.skip(f"CMake cannot configure against CUDA torch {torch.__version__} here: "
@@ -85,6 +89,19 @@ def _cuda_home():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.find_cuda_home()
+
+
+def _nvrtc_library(cuda_home):
+    """libnvrtc: the toolkit's, else the one torch's CUDA wheels ship (nvidia/*/lib)."""
+    import glob
+    import os
+
+    for pattern in (f"{cuda_home}/lib64/libnvrtc.so*", f"{cuda_home}/targets/*/lib/libnvrtc.so*"):
+        if glob.glob(pattern):
+            return None  # CMake finds it there
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True))
+    return found[0] if found else None
 
 
 def python(code, *args):

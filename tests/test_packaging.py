@@ -54,12 +54,22 @@ def test_wheel_pins_the_torch_it_was_built_against(setup_py):
     assert setup_py.torch_requirement(fake_torch(version="2.14.1")) == "torch==2.14.1"
 
 
-def test_installed_metadata_pins_this_torch():
+def installed_distribution():
+    """The leet-compile distribution installed in this environment (site-packages), not an
+    egg-info a source build left in the checkout (which the cwd on sys.path would find first)."""
     import importlib.metadata as md
 
+    dists = [d for d in md.distributions(name="leet-compile")
+             if os.path.realpath(str(d.locate_file(""))).startswith(os.path.realpath(sys.prefix))]
+    if not dists:
+        pytest.skip("leet-compile is not installed in this environment (run from a source tree only)")
+    return dists[0]
+
+
+def test_installed_metadata_pins_this_torch():
     import torch
 
-    requires = md.requires("leet-compile") or []
+    requires = installed_distribution().requires or []
     assert f"torch=={torch.__version__.split('+')[0]}" in requires, requires
     assert not any(r.startswith("numpy") for r in requires), "numpy is not a runtime dependency"
 
@@ -124,14 +134,29 @@ def test_nvcc_major_version_must_match_torch(setup_py, tmp_path, monkeypatch):
     assert not ok and "major version" in why
 
 
-def test_build_backend_pins_the_build_torch(monkeypatch):
+def tree_copy(dest):
+    """The versioned files (tracked, and untracked but not ignored) copied to dest: builds
+    run there leave no egg-info or build/ in the checkout."""
+    dest.mkdir()
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout
+    subprocess.run(f"tar --null -T - -cf - | tar -xf - -C {dest}", shell=True, cwd=ROOT, input=files, check=True)
+    return dest
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                               reason="needs a git checkout")
+
+
+@needs_git
+def test_build_backend_pins_the_build_torch(monkeypatch, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "build_backend"))
     try:
         backend = _load("leet_build_backend_t", os.path.join(ROOT, "build_backend", "leet_build_backend.py"))
     finally:
         sys.path.pop(0)
     monkeypatch.delenv("LEET_BUILD_TORCH", raising=False)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tree_copy(tmp_path / "src"))
     assert "torch==2.13.0" in backend.get_requires_for_build_wheel()
     monkeypatch.setenv("LEET_BUILD_TORCH", "torch==2.14.1")
     assert "torch==2.14.1" in backend.get_requires_for_build_wheel()
@@ -139,10 +164,10 @@ def test_build_backend_pins_the_build_torch(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("build") is None, reason="the `build` package is not installed")
-@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
-                    reason="needs a git checkout")
+@needs_git
 def test_sdist_holds_every_tracked_source_doc_and_example(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), ROOT],
+    src = tree_copy(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (sdist,) = tmp_path.glob("*.tar.gz")
