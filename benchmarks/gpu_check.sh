@@ -59,8 +59,8 @@ part() {
   local st="PASS"; [ $rc -ne 0 ] && st="FAIL (rc $rc)"; [ $rc -eq 124 ] || [ $rc -eq 137 ] && st="TIMEOUT after ${limit}s"
   [ $rc -eq 5 ] && [ "${3:-}" = "pytest" ] && { st="SKIPPED (pytest ran no test: see the skip reasons)"; rc=0; }
   STATUS+=("| $name | $st | ${d}s |")
-  echo "   -> $st in ${d}s" | tee -a "$LOG"
   tail -n 3 "$LOG" | sed 's/^/      /'
+  echo "   -> $st in ${d}s" | tee -a "$LOG"
   return $rc
 }
 
@@ -68,7 +68,7 @@ part() {
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   SITE=/tmp/leet-gpu-check-site
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl >> "$LOG" 2>&1 \
-    && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} && echo "carried wheels: $(ls .whl | tr '\n' ' ')" | tee -a "$LOG"
+    && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} && echo "carried wheels: $(ls .whl | tr '\n' ' ')" >> "$LOG"
 fi
 {
   echo "== environment"; date -u; uname -a; nproc
@@ -86,6 +86,7 @@ for m in ("triton", "fla", "setuptools", "pytest", "einops"):
 EOF
 } >> "$LOG" 2>&1
 cat "$LOG"
+ENV_LINES=$(grep -E "^python |^triton |^fla |^NVIDIA|^name, |^Cuda compilation|carried wheels" "$LOG" | head -8)
 
 # ---- 1. build
 if [ $DRY = 1 ]; then
@@ -151,7 +152,7 @@ part "tests/test_triton.py (interpreted)" $TEST_TIMEOUT $PY -m pytest -q -p no:c
   echo "- command: \`bash benchmarks/gpu_check.sh $*\`"
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), total $(( $(date +%s) - T0 )) s"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  grep -E "^python |^triton |^fla |^NVIDIA|^name|driver" "$LOG" | head -6 | sed 's/^/- /'
+  echo "$ENV_LINES" | sed 's/^/- /'
   echo
   echo "| part | status | time |"
   echo "|---|---|---|"

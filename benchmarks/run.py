@@ -114,7 +114,7 @@ def run_suite(s, args):
     print(f"== {s.name}: {s.description.splitlines()[0] if s.description else ''}")
     print(f"   {env['device']}; torch {env['torch']}; threads {threads_list}; {s.x_name} = {xs}; params {params}"
           f"{'; SMOKE RUN (tiny sizes, timings meaningless)' if args.smoke else ''}", flush=True)
-    extra = {"params": params, "smoke": args.smoke, "timing": timing}
+    extra = {"params": dict(params), "smoke": args.smoke, "timing": timing}
     failed = 0
     if s.prepare is not None:
         t0 = time.perf_counter()
