@@ -94,18 +94,26 @@ def main(argv=None):
     model = RetNetLM(d_model=64 if args.quick else 256, n_layers=2).eval()
     tokens = torch.randint(0, 1000, (1, T))
 
+    print("explaining (traces the model once) ...", flush=True)
     print(leet_compile.explain(model, tokens))
     with torch.no_grad():
         eager = model(tokens)
         inductor = torch.compile(model, backend="inductor")
         leet = torch.compile(model, backend="leet")
+        print("compiling with backend='leet' (the first call compiles: tens of seconds on 2 cores) ...", flush=True)
         err = (leet(tokens) - eager).abs().max().item()
         print(f"max |leet - eager| = {err:.3g}")
         reps = 2 if args.quick else 5
-        times = {name: median_time(lambda f=f: f(tokens), reps)
-                 for name, f in (("eager", model), ("inductor", inductor), ("leet", leet))}
+        times = {}
+        for name, f in (("eager", model), ("inductor", inductor), ("leet", leet)):
+            if name == "inductor":
+                print("compiling with backend='inductor' (first call) and timing ...", flush=True)
+            times[name] = median_time(lambda f=f: f(tokens), reps)
+            print(f"  {name}: median {times[name] * 1e3:.1f} ms of {reps}", flush=True)
+    ratio = times["inductor"] / times["leet"]
     print(f"T={T}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()) +
-          f"; leet is {times['inductor'] / times['leet']:.1f}x faster than inductor")
+          f"; inductor / leet time ratio {ratio:.2f} (medians of {reps}, one run, "
+          f"{torch.get_num_threads()} threads; a shared machine's timings drift)")
     return err
 
 

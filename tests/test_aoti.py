@@ -60,9 +60,48 @@ def cpp_runner(tmp_path_factory):
         "cmake", "-S", str(ROOT / "examples" / "aoti_cpp"), "-B", str(build),
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DCMAKE_BUILD_TYPE=Release",
     ]
-    timed("cmake configure", subprocess.run, configure, check=True, capture_output=True)
+    if torch.version.cuda is not None:
+        # a CUDA torch's TorchConfig.cmake needs the CUDA toolkit (libraries and nvcc):
+        # point CMake at the toolkit the build would use (setup.py's search)
+        cuda_home = _cuda_home()
+        if cuda_home is None:
+            pytest.skip(f"torch {torch.__version__} is a CUDA build and its CMake config needs a CUDA "
+                        "toolkit, none found (set CUDA_HOME)")
+        configure += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
+                      f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
+        nvrtc = _nvrtc_library(cuda_home)
+        if nvrtc:
+            configure.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+    result = timed("cmake configure", subprocess.run, configure, capture_output=True, text=True)
+    if result.returncode != 0 and torch.version.cuda is not None:
+        pytest.skip(f"CMake cannot configure against CUDA torch {torch.__version__} here: "
+                    + " ".join((result.stderr or result.stdout).split())[-400:])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     timed("cmake build", subprocess.run, ["cmake", "--build", str(build)], check=True, capture_output=True)
     return build / "aoti_runner"
+
+
+def _cuda_home():
+    """The CUDA toolkit root as setup.py finds it (CUDA_HOME, nvcc wrappers, /usr/local/cuda)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leet_setup_py", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home()
+
+
+def _nvrtc_library(cuda_home):
+    """libnvrtc: the toolkit's, else the one torch's CUDA wheels ship (nvidia/*/lib)."""
+    import glob
+    import os
+
+    for pattern in (f"{cuda_home}/lib64/libnvrtc.so*", f"{cuda_home}/targets/*/lib/libnvrtc.so*"):
+        if glob.glob(pattern):
+            return None  # CMake finds it there
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True))
+    return found[0] if found else None
 
 
 def python(code, *args):

@@ -1,0 +1,2 @@
+"""The registered suites (importing this package registers them with harness.SUITES)."""
+from . import aoti, backend, cpu, decode, gpu, methods  # noqa: F401
