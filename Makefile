@@ -50,11 +50,13 @@ $(VENV)/.torch-spec: FORCE | $(PY)
 # Pinned torch (a CPU build from this machine's disk), Triton for the interpreter tests,
 # and the build tools for --no-build-isolation.
 $(VENV)/.deps: $(VENV)/.torch-spec | $(PY)
-	@echo "==> [1/2] installing $(TORCH), triton, pytest, expecttest, matplotlib, build tools into $(VENV)"
+	@echo "==> [1/2] installing $(TORCH), triton, pytest, expecttest, matplotlib, einops, build tools, and"
+	@echo "    torchscale (no deps: the public RetNet the pass tests read) into $(VENV)"
 	@echo "    (torch is a large wheel: a minute or more; pip's progress follows)"
 	@start=$$(date +%s); $(HEARTBEAT) \
-	$(PIP) install --progress-bar off "$(TORCH)" triton numpy pytest expecttest matplotlib \
+	$(PIP) install --progress-bar off "$(TORCH)" triton numpy pytest expecttest matplotlib einops \
 		"setuptools>=77" wheel ninja build 2>&1 | $(QUIET_PIP); \
+	$(PIP) install --progress-bar off --no-deps torchscale==0.3.0 fairscale==0.4.0 2>&1 | $(QUIET_PIP); \
 	$(PY) -c "import torch, sys; print('    torch', torch.__version__, '(CUDA ' + str(torch.version.cuda) + ')')"; \
 	$(PY) - "$(TORCH)" <<< 'import sys, torch; spec = sys.argv[1]; want = spec.split("==", 1)[1] if "==" in spec else None; sys.exit(0 if want is None or torch.__version__.split("+")[0] == want.split("+")[0] else f"installed torch {torch.__version__} is not {spec}")'; \
 	echo "    done in $$(( $$(date +%s) - start )) s"
