@@ -80,7 +80,7 @@ def _in_float(t, dtype, lo, hi, rounds):
     u = unit_roundoff(dtype)
     if isinstance(t, T.Num):
         return T.num(_round(t.x, dtype))
-    if isinstance(t, T.Aff) and rounds:
+    if isinstance(t, T.Aff) and rounds and t.atoms:  # (a position-free one is a coefficient: a graph value)
         low, high = T.bounds(t, lo, hi)
         mag = max(abs(low), abs(high))
         if math.isfinite(mag) and mag > fin.max:

@@ -6,13 +6,15 @@ arguments' values; the node's dtype is then applied (arith.in_dtype).  The
 interpreter records the scores contraction it meets (``scores``), the size of h when a
 view splits a merged B*H dim (``h_split``), the nodes it evaluated (``nodes``) and those
 it took as they are (``opaque``: graph values, per-position data)."""
+import operator
+
 import torch
 
 from . import terms as T
 from .arith import in_dtype
 from .contractions import bcast, contraction_roles
 from .errors import Unproven
-from .graph import CONTRACTIONS, aten, packet, val
+from .graph import CONTRACTIONS, aten, packet, shape, val
 
 POS = ("i", "j")
 
@@ -63,6 +65,8 @@ class MaskInterpreter:
                 raise Unproven(f"{n.name} is a constant [T, T] tensor: a mask read from a buffer "
                                "cannot be proven (build it in forward from torch.arange)")
             return self.leaf(n, roles)
+        if n.target is operator.getitem and packet(n.args[0]) == aten.meshgrid:
+            return self.meshgrid_item(n, roles)
         p = packet(n)
         if p in RULES:
             rule, rounds = RULES[p]
@@ -115,6 +119,20 @@ class MaskInterpreter:
             return torch.full((), c, dtype=val(n).dtype).item()
         except (RuntimeError, TypeError, OverflowError):
             return None
+
+    def meshgrid_item(self, n, roles):
+        """torch.meshgrid(a, b, ...)[k]: element [x0, x1, ...] is t_k[x_k] ('ij'), with the
+        first two dims swapped for indexing='xy'."""
+        grid, k = n.args
+        tensors = grid.args[0]
+        indexing = grid.kwargs.get("indexing", grid.args[1] if len(grid.args) > 1 else "ij")
+        if indexing not in ("ij", "xy") or any(len(shape(t)) != 1 for t in tensors):
+            raise Unproven("a meshgrid of other than 1-D tensors")
+        dims = list(range(len(tensors)))
+        if indexing == "xy" and len(dims) >= 2:
+            dims[0], dims[1] = 1, 0
+        self.nodes.add(grid)
+        return self.ev(tensors[k], (roles[dims.index(k)],))
 
     def constant_value(self, n, budget=64):
         """n's value when the graph fixes it (computed from constant tensors and literals

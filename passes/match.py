@@ -48,7 +48,8 @@ def _candidates(n):
     nd = len(shape(n))
     if packet(n) != aten.einsum:
         names = _batch_names(shape(n)[:-2])
-        return [] if names is None else [(0, names + ("i", "e"))]
+        # P @ v, or the transposed product v^T @ P^T (= (P @ v)^T)
+        return [] if names is None else [(0, names + ("i", "e")), (1, names + ("e", "i"))]
     try:
         ins, out = einsum_letters(n.args[0], [len(shape(o)) for o in n.args[1]])
     except Exception:

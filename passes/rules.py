@@ -392,6 +392,18 @@ def _permute(it, n, roles):
     return it.ev(n.args[0], r)
 
 
+@rule(aten.mT, aten.mH, aten.adjoint, rounds=False)
+def _mt(it, n, roles):
+    if val(n).is_complex():
+        raise Unproven("a complex mask")
+    return it.ev(n.args[0], tuple(roles[:-2]) + (roles[-1], roles[-2]))
+
+
+@rule(aten.numpy_T, rounds=False)
+def _numpy_t(it, n, roles):
+    return it.ev(n.args[0], tuple(reversed(roles)))
+
+
 @rule(aten.transpose, aten.t, rounds=False)
 def _transpose(it, n, roles):
     a, b = (n.args[1] % len(roles), n.args[2] % len(roles)) if len(n.args) > 1 else (0, 1)
