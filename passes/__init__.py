@@ -36,6 +36,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
 
     report = RewriteReport()
     graph = gm.graph
+    gone = set()  # erased nodes (a node may be a candidate of several removals)
     order = _Order(graph)
     fake_mode = _fake_mode(graph)
     changed = functionalize_fresh(graph, order)
@@ -70,11 +71,11 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
             continue
         decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
         report.rewritten(_origin(n, splits), decay=decay, scale=scale)
-        _remove_dead(graph, match.interp.nodes | {n})
+        _remove_dead(graph, match.interp.nodes | {n}, gone)
     for n, chain in splits:
         if chain[-1].users:  # not consumed by a rewrite: the einsum as the user wrote it
             chain[-1].replace_all_uses_with(n)
-        _remove_dead(graph, set(chain) | ({n} if not n.users else set()))
+        _remove_dead(graph, set(chain) | ({n} if not n.users else set()), gone)
     if report.rewrites or changed or splits:
         graph.lint()
         gm.recompile()
@@ -128,14 +129,16 @@ class _Order(dict):
         return dict.__getitem__(self, x)
 
 
-def _remove_dead(graph, candidates):
+def _remove_dead(graph, candidates, gone):
     """Erases the now unused nodes of a rewritten site (only pure ATen ops)."""
+    candidates = set(candidates) - gone
     changed = True
     while changed:
         changed = False
         for x in list(candidates):
             if x.graph is graph and x.op == "call_function" and not x.users and not _impure(x):
                 graph.erase_node(x)
+                gone.add(x)
                 candidates.discard(x)
                 changed = True
 

@@ -194,6 +194,14 @@ def _operands(ext, inside):
     return operands, pulled
 
 
+def _contiguous_strides(shape):
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc = acc * size
+    return tuple(reversed(strides))
+
+
 def _exactly_contiguous(t):
     """True when t has the strides of a fresh contiguous tensor, size-1 dims included
     (torch.cond compares the stride order of both branches' outputs, those dims too)."""
@@ -369,8 +377,13 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     for a in attrs:
         a.meta["stack_trace"] = stack_trace
     c = add(torch.ops.higher_order.cond, pred, attrs[0], attrs[1], tuple(operands))
-    with torch.no_grad():  # fake-run the forward only; grad-mode cond would trace joint graphs
-        _propagate(gm, c, fake_mode)
+    try:
+        with torch.no_grad():  # fake-run the forward only; grad-mode cond would trace joint graphs
+            _propagate(gm, c, fake_mode)
+    except Exception:  # cond could not be fake-run (a pred from a symbolic float): its output is anchor's
+        with fake_mode:
+            c.meta["val"] = (torch.empty_strided(a_val.shape, _contiguous_strides(a_val.shape), dtype=a_val.dtype,
+                                                 device=a_val.device),)
     if needs_grad:
         c.meta["val"] = tuple(t.requires_grad_(True) for t in c.meta["val"])
     r = _propagate(gm, add(operator.getitem, c, 0), fake_mode)
