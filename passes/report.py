@@ -52,6 +52,15 @@ _HINTS = [
      "registered [T, T] buffer, a graph input), so it cannot prove a mask read from it "
      "is causal; build the mask in forward from positions, e.g. i = torch.arange(T)[:, None]; "
      "j = torch.arange(T)[None, :]; D = (gamma ** (i - j)).masked_fill(j > i, 0)"),
+    ("input of this graph",
+     "a mask that enters the graph as an input (computed in Python, or before a graph "
+     "break) cannot be proven causal; build it in forward from positions, e.g. "
+     "i = torch.arange(T)[:, None]; j = torch.arange(T)[None, :]; "
+     "D = (gamma ** (i - j)).masked_fill(j > i, 0)"),
+    ("eager rounds",
+     "eager computes this mask in a lower precision than the result (16-bit positions "
+     "or decays, or positions beyond the dtype's exact integers); compute the mask in "
+     "float32 from int64 positions"),
     ("data-dependent",
      "a mask read from a tensor (a graph input, a registered [T, T] buffer, or the "
      "result of an op the pass has no rule for) cannot be proven causal; build it in "
