@@ -227,11 +227,18 @@ def test_select(method, backend, expected):
     assert gpu.select(q, k, v, method, backend) == expected
 
 
+def _without_triton():
+    """What "auto" picks without Triton: the C++ CUDA kernels when built (a CUDA torch
+    with LEET_BUILD_CUDA), else aten."""
+    return ("cuda", "chunked") if gpu.has_cuda_kernels() else ("aten", "auto")
+
+
 def test_select_short_and_float64():
     q, k, v, _, _ = small(T=4)
     assert gpu.select(q, k, v, "auto", "auto") == ("triton", "recurrent")  # decoding, short T
     q, k, v, _, _ = small(torch.float64)
-    assert gpu.select(q, k, v, "auto", "auto") == ("aten", "auto")
+    # no Triton for float64: the C++ CUDA kernels where this build has them, else aten
+    assert gpu.select(q, k, v, "auto", "auto") == _without_triton()
     with pytest.raises(ValueError, match="float64"):  # the contract's rule (meta: no device rules)
         op_module.check_inputs(q.to("meta"), k.to("meta"), v.to("meta"), None, None, "auto", "triton")
     q, k, v, _, _ = make_inputs(1, 2, 5, 0, 24, None, F32, False, False)
@@ -256,7 +263,7 @@ def test_contract_errors_for_gpu_backends(method, backend, match):
 def test_select_without_triton(monkeypatch):
     q, k, v, _, _ = small()
     monkeypatch.setattr(gpu, "triton_available", lambda: False)
-    assert gpu.select(q, k, v, "auto", "auto") == ("aten", "auto")
+    assert gpu.select(q, k, v, "auto", "auto") == _without_triton()
     with pytest.raises(ValueError, match="pip install triton"):
         gpu.select(q, k, v, "auto", "triton")
 
