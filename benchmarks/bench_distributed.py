@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 
@@ -141,7 +142,10 @@ def main(argv=None):
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                 "torch": torch.__version__, "load_average": os.getloadavg(),
-                "note": "timings are indicative (shared machine, ranks share the cores); bytes are exact"}
+                "threads_per_rank": {str(w): max(1, args.threads // w) for w in args.worlds},
+                "timing": f"median of {args.reps} reps (barrier to barrier); no spread recorded",
+                "command": "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
+                "note": "timings are indicative (ranks share the cores); bytes are exact"}
         with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"wrote {path}")
