@@ -29,7 +29,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     from .canonical import describe
     from .einsum_split import split_einsum
     from .functionalize import functionalize_fresh
-    from .graph import is_contraction
+    from .graph import fake_mode_of, is_contraction
     from .match import analyze
     from .mutation import Writes
     from .rewrite import build
@@ -38,7 +38,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     graph = gm.graph
     gone = set()  # erased nodes (a node may be a candidate of several removals)
     order = _Order(graph)
-    fake_mode = _fake_mode(graph)
+    fake_mode = fake_mode_of(graph)
     changed = functionalize_fresh(graph, order)
     writes = Writes(order)
     # n-ary einsums as chains of two-operand ones (put back where nothing is rewritten)
@@ -88,18 +88,6 @@ def _origin(n, splits):
         if n in chain:
             return original
     return n
-
-
-def _fake_mode(graph):
-    """The graph's fake mode (found once: the search is linear in the graph)."""
-    from .graph import val
-
-    vals = [val(n) for n in graph.nodes if n.op == "placeholder"]
-    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is None:
-        vals = [val(n) for n in graph.nodes]
-        mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    return mode
 
 
 class _Order(dict):

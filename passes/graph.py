@@ -57,3 +57,15 @@ def upper_bound(s):
         return int(hi) if hi.is_finite else None
     except Exception:  # no shape env (plain make_fx): unknown
         return None
+
+
+def fake_mode_of(graph):
+    """The graph's fake mode (its symbolic sizes live there), found from the
+    placeholders (else any node); a fresh one if the graph has none."""
+    from torch._guards import detect_fake_mode
+
+    for nodes in ([n for n in graph.nodes if n.op == "placeholder"], graph.nodes):
+        mode = detect_fake_mode([v for v in map(val, nodes) if isinstance(v, torch.Tensor)])
+        if mode is not None:
+            return mode
+    return torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)

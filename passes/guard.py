@@ -15,6 +15,8 @@ import operator
 
 import torch
 
+from .graph import fake_mode_of
+
 __all__ = ["emit", "guard", "guarded_sites", "outline"]
 
 aten = torch.ops.aten
@@ -23,15 +25,6 @@ Node = torch.fx.Node
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, Node) else n
-
-
-def _fake_mode(gm):
-    """The graph's fake mode (its symbolic sizes live there); a fresh one if none."""
-    from torch._guards import detect_fake_mode
-
-    vals = [_val(n) for n in gm.graph.nodes]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    return mode if mode is not None else torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def _propagate(gm, node, fake_mode=None):
@@ -47,7 +40,7 @@ def _propagate(gm, node, fake_mode=None):
         return a.meta["val"]
 
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fake)
-    with fake_mode if fake_mode is not None else _fake_mode(gm):
+    with fake_mode if fake_mode is not None else fake_mode_of(gm.graph):
         node.meta["val"] = node.target(*args, **kwargs)
     return node
 
@@ -345,7 +338,7 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     _check_no_input_mutation(fast, "fast")
     _check_no_input_mutation(slow, "slow")
 
-    fake_mode = fake_mode if fake_mode is not None else _fake_mode(gm)
+    fake_mode = fake_mode if fake_mode is not None else fake_mode_of(gm.graph)
     stack_trace = anchor.meta.get("stack_trace")
     # Only where a backward will run through the cond (never in inference graphs)
     memo = {}
