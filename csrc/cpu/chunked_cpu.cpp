@@ -6,6 +6,7 @@
 // Inputs are read in place when their last dim is contiguous (permuted views of a
 // fused qkv projection included); anything else is copied once.
 #include "../decay_attn.h"
+#include "small_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,88 +17,17 @@
 #include <type_traits>
 #include <vector>
 
-// The BLAS that torch's CPU build carries (MKL on x86-64). Weak, so that a torch
-// without it still loads this library and takes the slower at::addmm path.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-// oneDNN's batch-reduce GEMM as torch exports it (ATen/native/CPUBlas.h): row-major
-// C (+)= A B. Weak, for torch builds without it.
-namespace at::native::cpublas {
-void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_C,
-            const float* A, const float* B, float* C, bool is_vnni) __attribute__((weak));
-void brgemm_release(bool is_vnni) __attribute__((weak));
-}  // namespace at::native::cpublas
-
 namespace leet {
 namespace {
 
 using at::Tensor;
+using cpu::mm;
 
 // Chunk length, by measurement at B=1 H=8 T=4096 K=V=64: 32 beat 16, 48, 64 and 128
 // (with BLAS on 2 threads, and again with brgemm on one thread; docs/methods.md).
 constexpr int64_t kCpuChunk = 32;
 // exp(-800) is exactly 0 in float64 and float32.
 constexpr double kUnderflow = 800.0;
-
-template <typename T>
-struct Blas;
-template <>
-struct Blas<float> {
-  static constexpr auto* fn = &sgemm_;
-};
-template <>
-struct Blas<double> {
-  static constexpr auto* fn = &dgemm_;
-};
-
-// Whether brgemm exists in this torch and computes a product right (checked once).
-bool brgemm_usable() {
-  static const bool usable = [] {
-    if (&at::native::cpublas::brgemm == nullptr) return false;
-    try {
-      const float A[6] = {1, 2, 3, 4, 5, 6}, B[6] = {1, 0, 2, 1, 0, 3};  // [2, 3] x [3, 2]
-      float C[4] = {1, 1, 1, 1};
-      at::native::cpublas::brgemm(2, 2, 3, 3, 2, 2, true, A, B, C, false);
-      if (&at::native::cpublas::brgemm_release != nullptr) at::native::cpublas::brgemm_release(false);
-      return C[0] == 6 && C[1] == 12 && C[2] == 15 && C[3] == 24;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return usable;
-}
-
-// Row-major C[m, n] (+)= A[m, k] B[k, n]: brgemm, else BLAS (column-major, so it is
-// asked for C^T = B^T A^T), else at::addmm.
-template <typename T>
-void mm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-        int64_t ldc, bool accumulate) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (brgemm_usable()) {
-      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, false);
-      return;
-    }
-  }
-  const T one = 1, beta = accumulate ? 1 : 0;
-  if (Blas<T>::fn != nullptr) {
-    const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
-    const char no = 'N';
-    (*Blas<T>::fn)(&no, &no, &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld) {
-    return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
-  };
-  view(C, m, n, ldc).addmm_(view(A, m, k, lda), view(B, k, n, ldb), beta, one);
-}
 
 // A [B, H, T, D] view that GEMM can read in place: unit stride in D, rows of at least D.
 Tensor gemm_ready(const Tensor& x, at::ScalarType dt) {
@@ -216,9 +146,7 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
         has_state = true;
       }
     }
-    if (&at::native::cpublas::brgemm_release != nullptr && brgemm_usable()) {
-      at::native::cpublas::brgemm_release(false);
-    }
+    cpu::release_thread_gemm();
   });
 }
 
