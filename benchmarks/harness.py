@@ -317,6 +317,10 @@ def print_table(headers, rows, out=sys.stdout):
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)), file=out)
 
 
+_TIMING_KEYS = {"variant", "x", "threads", "provider", "median_s", "q1_s", "q3_s", "samples", "calls_per_sample",
+                "note", "gflops_per_s"}
+
+
 def tables(s: Suite, results, markdown=False):
     """One table per variant: rows x, columns providers (median [q1, q3]); plus ratios to
     the baseline with their spread. Returns the text."""
@@ -372,6 +376,11 @@ def tables(s: Suite, results, markdown=False):
             if ratio_rows:
                 print(f"time / time of '{s.baseline}' (median ratio [range from the quartiles]; >1: slower)", file=buf)
                 print_table(headers, ratio_rows, out=buf)
+        for r in rs:  # what the suite recorded besides times (errors, rewrite counts)
+            facts = {k: v for k, v in r.items() if k not in _TIMING_KEYS}
+            if facts:
+                text = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+                print(f"{'- ' if markdown else '  '}{s.x_name}={r['x']} {r['provider']}: {text}", file=buf)
     notes = [r for r in results if r.get("note")]
     if notes:
         print(("\n" if not markdown else "") + "Not timed:" + ("\n" if markdown else ""), file=buf)

@@ -95,6 +95,8 @@ def _in_float(t, dtype, lo, hi, rounds):
             # integer positions beyond the exact range: eager rounds them apart
             return T.Aff(t.c0, t.atoms, t.rel + u, t.abs + 0.5 * _ulp(mag, dtype))
         return T.Aff(t.c0, t.atoms, t.rel + 2 * u, t.abs)  # the product/sum and its constant
+    if isinstance(t, T.Row):  # a row sum and functions of it: one more rounding
+        return T.Row(t.r, t.lo, t.hi, t.rel + u) if rounds else t
     if isinstance(t, T.Exp):
         t = _exp_in_float(t, dtype, lo, hi)
         return T.Exp(t.m, t.x, t.x_max_ok, t.x_min_ok, t.amp, t.rel + u) if rounds else t

@@ -24,6 +24,24 @@ class Decay:
     cums: dict  # key (node, roles, detached) -> weight
 
 
+def mask_pieces(pw):
+    """(the mask's pieces, whether they multiply the scores) of attention weights given
+    piecewise: the scores' factor where they are scores, zeros kept."""
+    scores = any(isinstance(t, T.Scores) for _, _, t in pw)
+    out = []
+    for lo, hi, t in pw:
+        if isinstance(t, T.Scores) and scores:
+            out.append((lo, hi, t.t))
+        elif isinstance(t, T.Num) and t.x == 0:
+            out.append((lo, hi, T.ZERO))
+        elif not scores:
+            out.append((lo, hi, t))
+        else:
+            raise Unproven("the attention weights are not the scores times a mask "
+                           f"({T.kind(t)} for i - j in [{lo}, {hi}])")
+    return out, scores
+
+
 def canonical(pw, u_out):
     """The :class:`Decay` of a mask given piecewise over d, or Unproven; ``u_out`` is
     the unit roundoff of the site's output dtype."""
@@ -54,6 +72,8 @@ def canonical(pw, u_out):
     if body is None:
         raise Unproven("the mask is zero everywhere" if diag is None else "the mask is only the diagonal")
     m, c0, coef, cums = body
+    if T.is_row(coef) or any(T.is_row(w) for w in cums.values()):
+        raise Unproven("the decay depends on a row sum")
     if diag is not None:
         dm, dc0, _, _ = _exp_form(diag, 0, 0, u_out, diag_only=True)
         if (dm, dc0) != (m, c0) and not (T.is_number(dm) and T.is_number(m) and T.is_number(dc0)

@@ -5,7 +5,7 @@ import dataclasses
 import torch
 
 from . import terms as T
-from .canonical import Decay, canonical
+from .canonical import Decay, canonical, mask_pieces
 from .contractions import contraction_roles, einsum_letters
 from .errors import Unproven
 from .graph import aten, is_contraction, packet, same, shape, upper_bound
@@ -119,15 +119,9 @@ def _prove(n, out_roles, p, rp, v, rv, size, writes):
         pw = interp.ev(p, rp)
         if interp.scores is None:
             raise Unproven("no q @ k^T contraction found in the attention weights")
-        mask = []
-        for lo, hi, t in pw:
-            if isinstance(t, T.Scores):
-                mask.append((lo, hi, t.t))
-            elif isinstance(t, T.Num) and t.x == 0:
-                mask.append((lo, hi, T.ZERO))
-            else:
-                raise Unproven("the attention weights are not the scores times a mask "
-                               f"({T.kind(t)} for i - j in [{lo}, {hi}])")
+        mask, scores = mask_pieces(pw)
+        if not scores:
+            raise Unproven("the attention weights are not the scores times a mask")
         decay = canonical(T.merge(mask), _unit_roundoff(n))
     check_mutations(writes, interp.nodes - interp.opaque, interp.opaque, _operator_reads(interp, v, decay), n)
     return Match(n, out_roles, v, rv, interp, decay, facts, [check] if check else [])

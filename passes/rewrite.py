@@ -3,6 +3,7 @@ in [B, H, T, D] layout, with ``log_decay`` built as a graph expression from the
 model's own tensors (so learnable decays keep their gradients).  Facts the proof
 assumed about values become a run-time check with the original computation as the
 fallback (guard.py); symbolic lengths beyond the proven range fail a run-time assert."""
+import math
 import operator
 
 import torch
@@ -35,6 +36,7 @@ class Builder:
         # (node, roles) pairs where sizes can be read
         self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
         self.emitted = []
+        self.row_sums = {}  # (RRowSum, dims) -> node
 
     # -- emission
     def emit(self, target, *args, **kwargs):
@@ -133,6 +135,10 @@ class Builder:
                 n = self.emit(aten.scalar_tensor.default, n)
                 roles = ()
             return self.materialize(n, roles, want)
+        if isinstance(c, T.RRowSum):
+            return self.row_sum(c, want)
+        if isinstance(c, T.RClamp):
+            return self.emit(aten.clamp.default, self.coef(c.r, want), c.lo, c.hi)
         if isinstance(c, T.RScaled):
             return self.emit(aten.mul.Tensor, self.coef(c.r, want), float(c.k))
         if isinstance(c, (T.RProd, T.RSum)):
@@ -143,8 +149,94 @@ class Builder:
                 a, b = b, a
             return self.emit(aten.mul.Tensor if isinstance(c, T.RProd) else aten.add.Tensor, a, b)
         fn = {"log": aten.log.default, "exp": aten.exp.default, "recip": aten.reciprocal.default,
-              "detach": aten.detach.default}[c.fn]
+              "detach": aten.detach.default, "sqrt": aten.sqrt.default, "abs": aten.abs.default}[c.fn]
         return self.emit(fn, self.coef(c.r, want))
+
+    # -- the operator's inputs
+    def layout(self, x, roles):
+        """A q / k / v operand as [B, H, T, D] (full batch sizes)."""
+        ren = {"i": "t", "j": "t", "c": "d", "e": "d"}
+        want = self.batch + ["t", "d"]
+        return self.full(self.materialize(x, [ren.get(r, r) for r in roles], want), want, 2)
+
+    def qk(self):
+        q, rq, k, rk, _ = self.m.interp.scores
+        return self.layout(q, rq), self.layout(k, rk)
+
+    def scaled_q(self, qn, m):
+        """(q, scale): a constant scale m stays the operator's scale; a tensor (per head,
+        or per query row: a row sum) is folded into q."""
+        if T.is_number(m):
+            return qn, m
+        if T.is_row(m):
+            f = self.emit(aten.unsqueeze.default, self.coef(m, self.batch + ["t"]), -1)
+        else:
+            f = self.emit(aten.unsqueeze.default, self.emit(aten.unsqueeze.default, self.coef(m, self.batch), -1), -1)
+        return self.emit(aten.mul.Tensor, qn, f), 1.0
+
+    def log_decay(self, decay, qn):
+        """log_decay for ``decay``: [H] for a per-head constant, [B, H, T] for per-position
+        decays, None for none."""
+        bw = self.batch
+        cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
+        has_b = any("b" in roles for n, roles in T.recipe_nodes(decay.coef)) and bw[0] == "b"
+        if decay.cums or has_b:
+            t_len = self.size(qn, 2)
+            parts = []
+            for (node, roles, det), w in decay.cums.items():
+                a = self.materialize(node, roles, bw + ["t"])
+                if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
+                    # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
+                    a = self.emit(aten.slice.Tensor, a, 2, 0, t_len)
+                if det:
+                    a = self.emit(aten.detach.default, a)
+                if not (T.is_number(w) and w == 1):
+                    wn = self.coef(w, bw)
+                    a = self.emit(aten.mul.Tensor, a, wn if isinstance(wn, float) else self.emit(aten.unsqueeze.default, wn, -1))
+                parts.append(a)
+            if not (T.is_number(decay.coef) and decay.coef == 0):
+                c = self.coef(decay.coef, bw)
+                parts.append(self.emit(aten.unsqueeze.default, c, -1) if not isinstance(c, float) else c)
+            ld = parts[0]
+            for p in parts[1:]:
+                ld = self.emit(aten.add.Tensor, ld, p)
+            if isinstance(ld, float):
+                ld = self.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
+            ld = self.emit(aten.expand.default, ld, [self.size_of(bw[0]), self.size_of(bw[1]), t_len])
+            return self.as_float(ld, cdt)
+        if T.is_number(decay.coef) and decay.coef == 0:
+            return None
+        H = self.size_of(bw[1])
+        c = self.coef(decay.coef, bw[1:])
+        if isinstance(c, float):
+            return self.emit(aten.full.default, [H], c, dtype=cdt)
+        return self.as_float(self.emit(aten.expand.default, c, [H]), cdt)
+
+    def row_sum(self, c, want):
+        """An RRowSum as a graph value with dims ``want``: decay_attn of the scores (or of
+        ones) on a column of ones, [B, H, T]."""
+        from .canonical import Decay
+
+        bw = self.batch
+        if "t" not in want:
+            raise Unproven("a row sum where a per-head value is needed")
+        key = (c, tuple(want))
+        if key in self.row_sums:  # the same sum scales the mask and the scores' row sum
+            return self.row_sums[key]
+        qn, kn = self.qk()
+        if not c.scores:  # the mask alone: q = k = 1 (K = 1)
+            qn = kn = self.emit(aten.new_ones.default, qn, [self.size_of(bw[0]), self.size_of(bw[1]),
+                                                               self.size(qn, 2), 1])
+        cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
+        ones = self.emit(aten.new_ones.default, qn, [self.size_of(bw[0]), self.size_of(bw[1]),
+                                                     self.size(qn, 2), 1], dtype=cdt)
+        qn, scale = self.scaled_q(qn, c.m)
+        ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), qn)
+        op = self.emit(torch.ops.leet.decay_attn.default, qn, kn, ones, ld, float(scale), None, False,
+                       "auto", "auto")
+        s = self.emit(aten.squeeze.dim, self.emit(operator.getitem, op, 0), -1)
+        self.row_sums[key] = self.materialize(s, bw + ["t"], want)
+        return self.row_sums[key]
 
     def all_true(self, x):
         """A 0-d bool node: whether every element of bool node x is true."""
@@ -181,24 +273,32 @@ def build(gm, match, emitted, order=None, fake_mode=None):
         fast = b.emitted[n_pre:]
         guard(gm, match.out, fast, o, [pred], _original_nodes(match, fast), order=order, recompile=False,
               fake_mode=fake_mode)
+    if not T.is_number(match.decay.m):  # folded into q: say what it is
+        scale = T.recipe_str(match.decay.m)
     return scale, described
 
 
 def _original_nodes(match, fast):
-    """The nodes that compute the site's output in eager (the fallback), down to the
-    values the fast branch reads too (those stay shared inputs)."""
-    fast_set = set(fast)
-    shared = {x for n in fast for x in n.all_input_nodes if x not in fast_set}
+    """The nodes that compute the site's output in eager (the fallback): the site's
+    nodes that only it uses.  A value that anything else reads too (the fast branch,
+    or the rest of the model: torchscale's positions feed both the mask and the rotary
+    embedding) is computed once, outside, and passed to both branches."""
     inside = (match.interp.nodes - match.interp.opaque) | {match.out}
-    out, seen, todo = [], set(), [match.out]
+    slow, todo = set(), [match.out]
     while todo:
         x = todo.pop()
-        if x in seen or x not in inside or x.op != "call_function" or (x in shared and x is not match.out):
+        if x in slow or x not in inside or x.op != "call_function":
             continue
-        seen.add(x)
-        out.append(x)
+        slow.add(x)
         todo.extend(x.all_input_nodes)
-    return out
+    todo = [x for x in slow if x is not match.out and any(u not in slow for u in x.users)]
+    while todo:
+        x = todo.pop()
+        if x not in slow:
+            continue
+        slow.discard(x)
+        todo.extend(a for a in x.all_input_nodes if a in slow)
+    return list(slow)
 
 
 def _assert_length(b, size, cap):
@@ -222,18 +322,23 @@ def _preconditions(b, match):
     """(0-d bool node or None, texts): the value facts the proof assumed, as checks."""
     bw = b.batch
     checks, texts = [], []
-    for fact in sorted(match.facts.assumed, key=repr):
-        if isinstance(fact, (T.NonPositive, T.Positive)):
+    assumed = match.facts.assumed
+    # c < 0 implies c <= 0: check the stronger fact once
+    assumed = {f for f in assumed if not (isinstance(f, T.NonPositive) and T.Negative(f.c) in assumed)}
+    for fact in sorted(assumed, key=repr):
+        if isinstance(fact, (T.NonPositive, T.Negative, T.Positive)):
             c = b.coef(fact.c, bw)
             if isinstance(c, float):
-                ok = c <= 0 if isinstance(fact, T.NonPositive) else c > 0
-                if not ok:
+                ok = {T.NonPositive: c <= 0, T.Negative: c < 0, T.Positive: c > 0}[type(fact)]
+                if not ok or (not isinstance(fact, T.Positive) and not math.isfinite(c)):
                     raise Unproven("a decay coefficient has the wrong sign")
                 continue
-            if isinstance(fact, T.NonPositive):  # finite too: eager's exp(-inf * 0) is nan
-                checks.append(b.emit(aten.le.Scalar, c, 0))
+            if not isinstance(fact, T.Positive):  # finite too: eager's exp(-inf * 0) is nan
+                less = aten.le.Scalar if isinstance(fact, T.NonPositive) else aten.lt.Scalar
+                checks.append(b.emit(less, c, 0))
                 checks.append(b.emit(aten.isfinite.default, c))
-                texts.append(f"{T.recipe_str(fact.c)} <= 0 and finite")
+                texts.append(f"{T.recipe_str(fact.c)} {'<=' if isinstance(fact, T.NonPositive) else '<'} 0 "
+                             "and finite")
             else:
                 checks.append(b.emit(aten.gt.Scalar, c, 0))
                 texts.append(f"{T.recipe_str(fact.c)} > 0")
@@ -258,59 +363,10 @@ def _preconditions(b, match):
 
 def _operator_call(b, match):
     """The decay_attn call in the original output's layout and dtype: (node, scale)."""
-    interp, decay = match.interp, match.decay
-    q, rq, k, rk, _ = interp.scores
-    bw = b.batch
-    ren = {"i": "t", "j": "t", "c": "d", "e": "d"}
-    qn = b.materialize(q, [ren.get(r, r) for r in rq], bw + ["t", "d"])
-    kn = b.materialize(k, [ren.get(r, r) for r in rk], bw + ["t", "d"])
-    vn = b.materialize(match.v, [ren.get(r, r) for r in match.v_roles], bw + ["t", "d"])
-    qn, kn, vn = (b.full(x, bw + ["t", "d"], 2) for x in (qn, kn, vn))
-    cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
-
-    # scale: a constant float, or a tensor expression folded into q
-    scale = decay.m
-    if not T.is_number(scale):
-        m = b.coef(scale, bw)
-        m = b.emit(aten.unsqueeze.default, b.emit(aten.unsqueeze.default, m, -1), -1)
-        qn = b.emit(aten.mul.Tensor, qn, m)
-        scale = 1.0
-
-    # log_decay: [H] for a per-head constant, [B, H, T] for per-position decays
-    has_b = any("b" in roles for n, roles in T.recipe_nodes(decay.coef)) and bw[0] == "b"
-    ld = None
-    if decay.cums or has_b:
-        t_len = b.size(qn, 2)
-        parts = []
-        for (node, roles, det), w in decay.cums.items():
-            a = b.materialize(node, roles, bw + ["t"])
-            if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
-                # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
-                a = b.emit(aten.slice.Tensor, a, 2, 0, t_len)
-            if det:
-                a = b.emit(aten.detach.default, a)
-            if not (T.is_number(w) and w == 1):
-                wn = b.coef(w, bw)
-                a = b.emit(aten.mul.Tensor, a, wn if isinstance(wn, float) else b.emit(aten.unsqueeze.default, wn, -1))
-            parts.append(a)
-        if not (T.is_number(decay.coef) and decay.coef == 0):
-            c = b.coef(decay.coef, bw)
-            parts.append(b.emit(aten.unsqueeze.default, c, -1) if not isinstance(c, float) else c)
-        ld = parts[0]
-        for p in parts[1:]:
-            ld = b.emit(aten.add.Tensor, ld, p)
-        if isinstance(ld, float):
-            ld = b.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
-        ld = b.emit(aten.expand.default, ld, [b.size_of(bw[0]), b.size_of(bw[1]), t_len])
-        ld = b.as_float(ld, cdt)
-    elif not (T.is_number(decay.coef) and decay.coef == 0):
-        H = b.size_of(bw[1])
-        c = b.coef(decay.coef, bw[1:])
-        if isinstance(c, float):
-            ld = b.emit(aten.full.default, [H], c, dtype=cdt)
-        else:
-            ld = b.as_float(b.emit(aten.expand.default, c, [H]), cdt)
-
+    qn, kn = b.qk()
+    vn = b.layout(match.v, match.v_roles)
+    qn, scale = b.scaled_q(qn, match.decay.m)
+    ld = b.log_decay(match.decay, qn)
     op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
     o = b.emit(operator.getitem, op, 0)
 

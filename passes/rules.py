@@ -98,11 +98,99 @@ def _pow(it, n, roles):
 @rule(aten.abs, rounds=False)
 def _abs(it, n, roles):
     def one(lo, hi, t):
+        if isinstance(t, T.Row):
+            return T.row_fn("abs", t)
         if isinstance(t, T.Num):
             return T.num(abs(t.x))
         return [(a, b, t if c.x else T.t_neg(t)) for a, b, c in T.t_cmp("ge", t, T.ZERO, lo, hi)]
 
     return T.pw_map(one, it.arg(n.args[0], roles))
+
+
+@rule(aten.sqrt)
+def _sqrt(it, n, roles):
+    def one(t):
+        if isinstance(t, T.Row):
+            return T.row_fn("sqrt", t)
+        if isinstance(t, T.Num):
+            return T.num(math.sqrt(t.x) if t.x >= 0 else math.nan)
+        raise Unproven(f"sqrt of {T.kind(t)}")
+    return T.lift(one)(it.arg(n.args[0], roles))
+
+
+@rule(aten.rsqrt)
+def _rsqrt(it, n, roles):
+    def one(lo, hi, t):
+        if isinstance(t, T.Row):
+            return T.t_recip(T.row_fn("sqrt", t))
+        if isinstance(t, T.Num) and t.x > 0:
+            return T.num(1 / math.sqrt(t.x))
+        raise Unproven(f"rsqrt of {T.kind(t)}")
+    return T.pw_map(one, it.arg(n.args[0], roles))
+
+
+# ---------------------------------------------------------------- row sums
+
+
+_PEEL = (aten.detach, aten.alias, aten.clone, aten.contiguous)
+
+
+@rule(aten.sum)
+def _sum(it, n, roles):
+    """A sum over the key positions j of a proven mask (or of the masked scores): a row
+    statistic of (b, h, i), which the rewrite computes in O(T) (terms.RRowSum)."""
+    from .arith import unit_roundoff
+    from .canonical import canonical, mask_pieces
+
+    if n.target != aten.sum.dim_IntList or n.kwargs.get("dtype") is not None:
+        raise Unproven("a sum that is not over one dim")
+    x, dims = n.args[0], n.args[1]
+    keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+    nd = len(shape(x))
+    if not isinstance(dims, (list, tuple)) or len(dims) != 1 or nd == 0:
+        raise Unproven("a sum over several dims")
+    d = dims[0] % nd
+    r = list(roles)
+    if keep:
+        if r[d] not in (None, "j"):
+            raise Unproven("a sum whose result is read along the summed dim")
+        r[d] = "j"
+    else:
+        r.insert(d, "j")
+    if r.count("j") != 1 or "i" not in r or is_one(shape(x)[r.index("i")]) or \
+            not same(shape(x)[d], shape(x)[r.index("i")]):
+        raise Unproven("a sum that is not a row sum over the key positions")
+    base, detached = x, False
+    while isinstance(base, torch.fx.Node) and packet(base) in _PEEL:
+        detached = detached or packet(base) == aten.detach
+        it.nodes.add(base)
+        base = base.args[0]
+    mask, scores = mask_pieces(it.ev(base, r))
+    decay = canonical(T.merge(mask), unit_roundoff(val(n).dtype))
+    lo, hi = -T.INF, T.INF
+    if not scores and T.is_number(decay.m) and decay.m > 0:
+        lo = decay.m  # the diagonal's term, the others are >= 0
+        if _nonincreasing(decay):
+            hi = decay.m * (T.facts().ti + 1)
+    elif not scores:
+        raise Unproven("a row sum of a mask with a scale that is not a positive constant")
+    row = T.Row(T.RRowSum(decay.m, decay.coef, tuple(sorted(decay.cums.items(), key=repr)), scores),
+                lo, hi)
+    return T.pw_const(T.row_fn("detach", row) if detached else row)
+
+
+def _nonincreasing(decay):
+    """Whether every weight of the mask is at most its diagonal's (a decay, proven or
+    assumed; a growing one would make the row sums' range unknown)."""
+    f = T.facts()
+    c = decay.coef
+    if T.is_number(c):
+        ok = c <= 0
+    else:
+        known = f.coef_range(c)
+        ok = known[1] <= 0 if known is not None else \
+            T.NonPositive(c) in f.assumed or T.Negative(c) in f.assumed
+    return ok and all(T.NonPositiveCum(key, w) in f.assumed for key, w in decay.cums.items())
 
 
 @rule(aten.clamp, aten.clamp_min, aten.clamp_max, rounds=False)
@@ -332,6 +420,8 @@ def _t_detach(t):
         return dataclasses.replace(t, m=T.cdetach(t.m), x=_t_detach(t.x))
     if isinstance(t, T.Scores):
         raise Unproven("the scores are detached")
+    if isinstance(t, T.Row):
+        return T.row_fn("detach", t)
     return t
 
 

@@ -68,8 +68,28 @@ class RProd(Recipe):
 
 @dataclasses.dataclass(frozen=True)
 class RFn(Recipe):
-    fn: str  # "log", "exp", "recip", "detach"
+    fn: str  # "log", "exp", "recip", "detach", "sqrt", "abs"
     r: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RClamp(Recipe):
+    r: Any
+    lo: Any  # a number or None
+    hi: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RRowSum(Recipe):
+    """A row sum of a proven mask, per (b, h, i): sum over j <= i of
+    m * exp(coef * (i - j) + sum_k w_k (C_k[i] - C_k[j])), times the scores q_i . k_j
+    if ``scores``.  Not position-free: it may only scale a mask (Exp.m) or another row
+    statistic (see :class:`Row`); the rewrite computes it with decay_attn on a column of
+    ones, in O(T)."""
+    m: Any
+    coef: Any
+    cums: tuple  # ((cumsum key, weight), ...)
+    scores: bool
 
 
 def is_number(c):
@@ -155,10 +175,24 @@ def recipe_nodes(c, out=None):
     out = [] if out is None else out
     if isinstance(c, RNode):
         out.append((c.node, c.roles))
+    elif isinstance(c, RRowSum):
+        recipe_nodes(c.m, out)
+        recipe_nodes(c.coef, out)
+        for (node, roles, _), w in c.cums:
+            out.append((node, roles))
+            recipe_nodes(w, out)
     elif isinstance(c, Recipe):
         for f in dataclasses.fields(c):
             recipe_nodes(getattr(c, f.name), out)
     return out
+
+
+def is_row(c):
+    """Whether coefficient c depends on the query position (holds a row sum)."""
+    if isinstance(c, RRowSum):
+        return True
+    return isinstance(c, Recipe) and not isinstance(c, RNode) and any(
+        is_row(getattr(c, f.name)) for f in dataclasses.fields(c))
 
 
 def cabs_bound(c):
@@ -250,6 +284,18 @@ class Scores:
     t: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A statistic of one query row (b, h, i): the recipe ``r`` holds a row sum
+    (RRowSum) and functions of it, its value is finite and within [lo, hi], and eager's
+    rounding of it is at most ``rel`` relative.  It may scale a mask or the scores
+    (torchscale's ``mask / mask.sum(-1).sqrt()``, ``qk / qk.sum(-1).abs().clamp(1)``)."""
+    r: Any
+    lo: float = -math.inf
+    hi: float = math.inf
+    rel: float = 0.0
+
+
 ZERO, ONE = Num(0), Num(1)
 
 
@@ -279,7 +325,8 @@ def as_aff(t):
 
 def kind(t):
     return {Num: "a constant", Aff: "an index expression", Exp: "an exponential",
-            ZeroOrNan: "0*inf (nan)", IsNan: "an isnan test", Scores: "the scores"}[type(t)]
+            ZeroOrNan: "0*inf (nan)", IsNan: "an isnan test", Scores: "the scores",
+            Row: "a row sum"}[type(t)]
 
 
 def has_positions(t):
@@ -368,6 +415,12 @@ class NonPositiveCum:
     """Assumed: ``w * a <= 0`` for the data ``a`` of a cumsum (key): a decaying segment sum."""
     key: tuple
     w: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Negative:
+    """Assumed: the graph coefficient ``c`` is < 0 and finite (``inf * c`` is ``-inf``)."""
+    c: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,9 +517,32 @@ def t_add(a, b, lo=-INF, hi=INF):
             atoms[k] = cadd(atoms.get(k, 0), v)
         rel, ab = _err_add(a, b, lo, hi)
         return aff(cadd(fa[0], fb[0]), atoms, rel, ab)
+    if isinstance(b, Row):
+        a, b = b, a
+    if isinstance(a, Row):
+        if isinstance(b, Row):
+            return Row(cadd(a.r, b.r), a.lo + b.lo, a.hi + b.hi, max(a.rel, b.rel))
+        if isinstance(b, Num) and math.isfinite(b.x):
+            return Row(cadd(a.r, b.x), a.lo + b.x, a.hi + b.x, a.rel)
+        raise Unproven(f"a row sum plus {kind(b)}")
     if isinstance(a, Scores) or isinstance(b, Scores):
         raise Unproven("the scores are added to something (a mask must multiply the scores)")
     raise Unproven(f"cannot add {kind(a)} and {kind(b)}")
+
+
+def _inf_times(x, c):
+    """x * c for x = +-inf and a graph coefficient c: its sign must be known, from the
+    values the graph fixes, else it is *assumed* negative (a decay, as torchscale's
+    ``exp(inf * decay)`` needs; a run-time precondition). 0 would give nan: unproven."""
+    r = facts().coef_range(c)
+    if r is None:
+        facts().assumed.add(Negative(c))
+        return num(-x)
+    if r[0] > 0:
+        return num(x)
+    if r[1] < 0:
+        return num(-x)
+    raise Unproven("inf times a value that can be 0 or change sign")
 
 
 def _scale(t, c):
@@ -477,7 +553,7 @@ def _scale(t, c):
         if t.x == 0:
             return t
         if not math.isfinite(t.x):
-            raise Unproven("inf times a value of unknown sign")
+            return _inf_times(t.x, c)
         return aff(cmul(t.x, c))
     if isinstance(t, Aff):
         ab = t.abs * cabs_bound(c) if t.abs else 0.0
@@ -489,6 +565,11 @@ def _scale(t, c):
         return t
     if isinstance(t, Scores):
         return Scores(_scale(t.t, c))
+    if isinstance(t, Row):
+        if is_number(c):
+            lo, hi = sorted((_mul0(t.lo, c), _mul0(t.hi, c)))
+            return Row(cmul(c, t.r), lo, hi, t.rel)
+        return Row(cmul(c, t.r), -INF, INF, t.rel)
     raise Unproven(f"cannot multiply {kind(t)}")
 
 
@@ -508,13 +589,16 @@ def t_mul(a, b, lo=-INF, hi=INF):
         if math.isnan(x):
             return a
         if x == 0:
-            if isinstance(b, Aff):
+            if isinstance(b, (Aff, Row)):  # a row sum is finite
                 return ZERO
             if isinstance(b, Exp):
                 return ZeroOrNan() if may_overflow(b, lo, hi) else ZERO
             if isinstance(b, ZeroOrNan):
                 return b
         if not math.isfinite(x):
+            fb = as_aff(b)
+            if fb is not None and not fb[1] and fb[2] == 0 and fb[3] == 0:  # a coefficient
+                return _inf_times(x, fb[0])
             raise Unproven("inf times a value of unknown sign")
         if isinstance(b, IsNan):
             raise Unproven("arithmetic on an isnan test")
@@ -528,6 +612,10 @@ def t_mul(a, b, lo=-INF, hi=INF):
         return _scale(b, fa[0])
     if fb is not None and not fb[1] and fb[2] == 0 and fb[3] == 0:
         return _scale(a, fb[0])
+    if isinstance(b, Row):
+        a, b = b, a
+    if isinstance(a, Row):
+        return _row_times(a, b)
     if isinstance(a, Exp) and isinstance(b, Exp):
         if not _grow_together(a.x, b.x):
             raise Unproven("a product of exponentials that can overflow and underflow at once "
@@ -539,6 +627,45 @@ def t_mul(a, b, lo=-INF, hi=INF):
             raise Unproven("a product of exponentials one of which overflows in eager")
         return Exp(cmul(a.m, b.m), t_add(a.x, b.x, lo, hi), amp=max(a.amp, b.amp), rel=a.rel + b.rel)
     raise Unproven(f"cannot multiply {kind(a)} by {kind(b)} (not a decay form)")
+
+
+def _mul0(x, c):
+    """x * c with 0 * inf taken as 0 (bounds)."""
+    return 0.0 if x == 0 or c == 0 else x * c
+
+
+def _row_times(r, t):
+    """A row statistic r times t (not a number: _scale does those)."""
+    if isinstance(t, Row):
+        prods = [_mul0(x, y) for x in (r.lo, r.hi) for y in (t.lo, t.hi)]
+        return Row(cmul(r.r, t.r), min(prods), max(prods), r.rel + t.rel)
+    if isinstance(t, Exp):  # m_i * exp(x): a mask whose rows are scaled
+        amp = max(t.amp, t.amp * max(abs(r.lo), abs(r.hi)))
+        return dataclasses.replace(t, m=cmul(t.m, r.r), amp=amp, rel=t.rel + r.rel)
+    raise Unproven(f"a row sum times {kind(t)} (only a mask or the scores may be scaled by one)")
+
+
+def row_fn(fn, t):
+    """sqrt / abs / detach of a row statistic (with its bounds)."""
+    if fn == "sqrt":
+        if t.lo < 0:
+            raise Unproven("the square root of a row sum that can be negative")
+        return Row(RFn("sqrt", t.r), math.sqrt(t.lo), math.sqrt(t.hi), t.rel)
+    if fn == "abs":
+        lo = 0.0 if t.lo <= 0 <= t.hi else min(abs(t.lo), abs(t.hi))
+        return Row(RFn("abs", t.r), lo, max(abs(t.lo), abs(t.hi)), t.rel)
+    if fn == "detach":
+        return Row(cdetach(t.r), t.lo, t.hi, t.rel)
+    raise AssertionError(fn)
+
+
+def row_clamp(t, lo_v, hi_v):
+    lo, hi = t.lo, t.hi
+    if lo_v is not None:
+        lo, hi = max(lo, lo_v), max(hi, lo_v)
+    if hi_v is not None:
+        lo, hi = min(lo, hi_v), min(hi, hi_v)
+    return Row(RClamp(t.r, lo_v, hi_v), lo, hi, t.rel)
 
 
 def _grow_together(a, b):
@@ -565,6 +692,10 @@ def t_neg(a, lo=-INF, hi=INF):
 
 
 def t_recip(a, lo=-INF, hi=INF):
+    if isinstance(a, Row):
+        if not (a.lo > 0 or a.hi < 0):
+            raise Unproven("division by a row sum that can be 0")
+        return Row(crecip(a.r), 1.0 / a.hi, 1.0 / a.lo, a.rel)
     if isinstance(a, Num):
         if a.x == 0:
             raise Unproven("division by zero")
@@ -600,6 +731,8 @@ def t_log(a, lo=-INF, hi=INF):
     if isinstance(a, Exp):
         if may_overflow(a, lo, hi) or may_underflow(a, lo, hi):
             raise Unproven("log of an exponential that overflows or underflows in eager")
+        if is_row(a.m):
+            raise Unproven("log of a mask scaled by a row sum")
         return t_add(a.x, aff(clog(a.m)))
     f = as_aff(a)
     if f is not None and not f[1] and f[2] == 0 and f[3] == 0:
@@ -608,6 +741,9 @@ def t_log(a, lo=-INF, hi=INF):
 
 
 def t_pow(base, e, lo=-INF, hi=INF):
+    if isinstance(base, Row) and isinstance(e, Num) and e.x in (0.5, -0.5):
+        root = row_fn("sqrt", base)
+        return root if e.x > 0 else t_recip(root)
     if isinstance(base, Num) and isinstance(e, Num):
         try:
             return num(math.pow(base.x, e.x))
@@ -843,6 +979,8 @@ def pw_clamp(x, lo_v, hi_v):
         raise Unproven("clamp with a nan bound (nan everywhere in eager)")
 
     def one(lo, hi, t):
+        if isinstance(t, Row):
+            return row_clamp(t, lo_v, hi_v)
         if isinstance(t, Num):
             v = t.x
             if math.isnan(v):
@@ -915,6 +1053,17 @@ def recipe_str(c):
         return f"{c.k:.6g}*{recipe_str(c.r)}"
     if isinstance(c, RProd):
         return f"{recipe_str(c.a)}*{recipe_str(c.b)}"
+    if isinstance(c, RRowSum):
+        return "rowsum(" + ("scores*" if c.scores else "") + "mask)"
+    if isinstance(c, RClamp):
+        bounds_ = ", ".join(f"{k}={v:g}" for k, v in (("min", c.lo), ("max", c.hi)) if v is not None)
+        return f"clamp({recipe_str(c.r)}, {bounds_})"
     if isinstance(c, RSum):
         return f"({recipe_str(c.a)} + {recipe_str(c.b)})"
+    if c.fn == "recip":
+        return f"1/{recipe_str(c.r)}"
+    if c.fn == "abs":
+        return f"|{recipe_str(c.r)}|"
+    if c.fn == "detach":
+        return f"{recipe_str(c.r)}.detach()"
     return f"{c.fn}({recipe_str(c.r)})"

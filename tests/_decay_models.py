@@ -172,6 +172,7 @@ POSITIVE = [
     ("mamba2_segsum", lambda: Fn(mamba2_segsum), "position"),
     ("mamba2_naive_segsum", lambda: Fn(mamba2_naive_segsum, log_gamma=retnet_gamma().log()), "position"),
     ("learnable_log_decay", lambda: Fn(learnable_log_decay, w=nn.Parameter(torch.linspace(-3, 1, H))), "head"),
+    ("torchscale_style", lambda: Fn(torchscale_style, decay=retnet_gamma().log()), "head"),  # checks decay < 0
 ]
 
 
@@ -267,5 +268,4 @@ NEAR_MISSES = [
     ("no_mask", lambda: Fn(no_mask), ""),
     ("buffer_mask", lambda: Fn(buffer_mask, mask=torch.ones(64, 64).tril()), ""),
     ("segsum_anti_causal", lambda: Fn(segsum_anti_causal), "above the diagonal"),
-    ("torchscale_style", lambda: Fn(torchscale_style, decay=retnet_gamma().log()), "unknown sign"),
 ]

@@ -245,6 +245,9 @@ class Program:
 class _Gen:
     def __init__(self, seed):
         self.r = random.Random(seed)
+        # the row normalisations draw from their own stream: the programs of earlier
+        # versions of the generator (and the pinned seeds) stay as they were
+        self.r_rows = random.Random(seed * 7919 + 1)
         self.seed = seed
         self.lines = []
         self.hazards = []
@@ -441,6 +444,44 @@ class _Gen:
         self.emit(f"w = torch.exp(-F.softplus({b}).to(d.dtype)[:, None, None] * d)")
         return "w", fdt, "H"
 
+    # -- torchscale's row normalisations (issue 10): of the mask, and of the scores
+    def row_normalisation(self):
+        how = self.r_rows.choices([None, "sum", "sqrt", "eps", "cols", "partial", "minus1"],
+                                  weights=[14, 2, 2, 1, 1, 1, 1])[0]
+        if how == "sum":
+            self.emit("M = M / M.sum(dim=-1, keepdim=True)")
+        elif how == "sqrt":
+            self.emit("M = M / M.sum(dim=-1, keepdim=True).sqrt()")
+        elif how == "eps":
+            self.emit("M = M / (M.sum(-1, keepdim=True) + 1e-6)")
+        elif how == "cols":
+            self.emit("M = M / M.sum(dim=-2, keepdim=True).clamp(min=1e-6)")
+            self.hazard("normalised by column sums")
+        elif how == "partial":
+            self.emit("M = M / (M[..., :1].sum(-1, keepdim=True) + 1)")
+            self.uncounted.append("a row factor from one column of the mask")
+        elif how == "minus1":
+            self.emit("M = M / (M.sum(-1, keepdim=True) - 1)")
+            self.hazard("row sum - 1 is 0 in row 0")
+
+    def scores_normalisation(self, prod):
+        how = self.r_rows.choices([None, "detach_abs_clamp", "abs_clamp", "abs_sum", "abs_only"],
+                                  weights=[12, 2, 1, 1, 1])[0]
+        if how is None:
+            return prod
+        self.emit(f"P = {prod}")
+        if how == "detach_abs_clamp":
+            self.emit("P = P / P.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)")
+        elif how == "abs_clamp":
+            self.emit("P = P / P.sum(-1, keepdim=True).abs().clamp(min=1)")
+        elif how == "abs_sum":
+            self.emit("P = P / P.detach().abs().sum(-1, keepdim=True).clamp(min=1)")
+            self.uncounted.append("a row sum of |scores| (not bilinear in q, k)")
+        else:
+            self.emit("P = P / P.sum(-1, keepdim=True).abs()")
+            self.uncounted.append("division by |row sum of the scores|, which may be 0")
+        return "P"
+
     def program(self):
         T = self.pick(1, 2, 5, 17, 64, 300, w=[1, 2, 3, 4, 3, 1])
         H = self.pick(1, 2, 4, w=[1, 1, 3])
@@ -504,6 +545,7 @@ class _Gen:
             cdts.append(torch.float32)
         elif post == "cast64":
             self.emit("M = M.double()")
+        self.row_normalisation()
         # batch shape of the mask
         bs = self.pick("as_is", "unsqueeze", "expand_B", "expand_bigger", "ones_batch", w=[5, 2, 2, 1, 1])
         if bs == "unsqueeze":
@@ -537,6 +579,7 @@ class _Gen:
             self.emit("s = (q @ k.transpose(-1, -2)) / 3.0")
         order = self.pick("s*M", "M*s")
         prod = "s * M" if order == "s*M" else "M * s"
+        prod = self.scores_normalisation(prod)
         if self.chance(0.2):
             five_d = bs in ("expand_bigger", "ones_batch") or (per == "BH" and bs == "unsqueeze")
             eq = "'...ij,...jd->...id'" if five_d or self.chance(0.3) else "'bhij,bhjd->bhid'"
