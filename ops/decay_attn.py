@@ -42,7 +42,7 @@ def _compute_dtype_copy(q, k, v):
 def _resolve_scale_copy(scale, K):
     if scale is not None:
         return float(scale)
-    return K ** -0.5 if K > 0 else 1.0
+    return 1.0 / K ** 0.5 if K > 0 else 1.0  # 1 / sqrt(K), bit for bit as in C++ (K ** -0.5 is not)
 
 
 def check_inputs(q, k, v, log_decay, initial_state, method, backend):
