@@ -153,3 +153,19 @@ def test_symbolic_head_dim_compiles_with_gradients(monkeypatch):
         for g, r in zip(grads, ref_grads):
             assert rel_err(g, r) < 1e-4
     assert any(isinstance(K, torch.SymInt) for K in seen)  # the copy did the symbolic case
+
+
+def test_a_backend_is_a_row_and_a_registration():
+    """Adding a backend touches the table and its own file only: every row but "auto" is
+    registered (RegisterBackend) by exactly one file, and no C++ file outside the table
+    branches on a backend's name."""
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    sources = {p: p.read_text() for p in csrc.rglob("*.cpp")}
+    registered = [m for text in sources.values() for m in re.findall(r'RegisterBackend \w+\("(\w+)"', text)]
+    assert sorted(registered) == sorted(b for b in BACKENDS if b != "auto")
+    branching = [p.name for p, text in sources.items()
+                 if p.name != "backends.cpp" and re.search(r'backend\s*[!=]=\s*"', text)]
+    assert not branching, branching

@@ -346,7 +346,7 @@ def test_eager_fake_and_compiled_fail_alike(args, kwargs, match):
 
 def test_gpu_policy_is_the_cpp_one():
     """ops/gpu.py's select() is a binding of plan_call (csrc/backends.cpp), and the method
-    codes it decodes follow the contract's list of methods."""
+    names it returns are the contract's."""
     from leet_compile.ops import gpu
 
     with pytest.raises(ValueError) as err:
