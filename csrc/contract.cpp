@@ -194,7 +194,7 @@ double scale_op(std::optional<double> scale, int64_t K) { return resolve_scale(s
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(leet, m) {
-  // compute_dtype and resolve_scale for Python, which has no copies of them (but one: resolve_scale in ops/decay_attn.py).
+  // compute_dtype and resolve_scale for Python (ops/decay_attn.py; its one copy of each, for traced code, is pinned by a test).
   m.def("_decay_attn_compute_dtype(Tensor q, Tensor k, Tensor v) -> str", &compute_dtype_op);
   m.def("_decay_attn_scale(float? scale, int K) -> float", &scale_op);
   // Raise exactly the error the op's kernels would raise for these arguments (or return).

@@ -18,7 +18,7 @@ METHODS, BACKENDS = (tuple(names) for names in torch.ops.leet._decay_attn_tables
 # traces the caller (the public wrappers), an op returning a non-tensor would break the
 # graph, and a symbolic K would be specialized by one (a guard and a recompile per head
 # dim): there, and only there, the one Python copy of each rule below is used, pinned to
-# the C++ by tests/test_op_edges.py::test_python_copies_of_cpp_rules.
+# the C++ by tests/test_backends.py::test_python_copies_of_cpp_rules.
 
 
 def compute_dtype(q, k, v):
