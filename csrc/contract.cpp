@@ -6,10 +6,9 @@
 // which read only metadata (sizes, possibly symbolic; dtypes; devices), so they run on
 // fake tensors under torch.compile and export. Eager, fake and compiled calls
 // therefore fail alike, with the same first bad argument and the same message.
-#include "decay_attn.h"
+#include "backends.h"
 
 #include <ATen/MemoryOverlap.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -34,42 +33,6 @@ double resolve_scale(std::optional<double> scale, int64_t K) {
 
 namespace {
 
-// The methods, and the backends as a table: where each runs and what it implements.
-// Adding a backend is one row here and one implementation behind the device's kernel.
-constexpr const char* kMethods[] = {"auto", "naive", "recurrent", "chunked", "fleet", "recursive"};
-constexpr const char* kAllMethods = "auto, naive, recurrent, chunked, fleet, recursive";
-
-struct BackendRow {
-  const char* name;
-  const char* device;        // "" (any device), "cpu" or "cuda"
-  const char* methods;       // "" (every method) or a comma-separated list
-  bool float64;              // accepts float64 inputs
-  int64_t max_head_dim;      // 0: no limit on K
-  const char* needs_kernel;  // an op whose CUDA kernel must exist in this build, or ""
-  const char* instead;       // what to use instead, for the messages
-};
-
-constexpr BackendRow kBackends[] = {
-    {"auto", "", "", true, 0, "", ""},
-    {"aten", "", "", true, 0, "", ""},
-    {"cpu", "cpu", "auto, chunked", true, 0, "", "backend='aten' or 'auto'"},
-    {"triton", "cuda", "auto, chunked, recurrent", false, 0, "", "backend='aten' or 'auto'"},
-    {"cuda", "cuda", "auto, chunked, recurrent", true, kCudaMaxHeadDim, "leet::_decay_attn_cuda",
-     "backend='triton', 'aten' or 'auto'"},
-};
-
-bool in_list(const std::string& item, const char* list) {
-  std::string s(list);
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t end = s.find(", ", start);
-    if (end == std::string::npos) end = s.size();
-    if (s.compare(start, end - start, item) == 0) return true;
-    start = end + 2;
-  }
-  return false;
-}
-
 void check_float(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(
       is_supported_float(t.scalar_type()), op, ": ", name,
@@ -81,46 +44,6 @@ void check_same_device(const char* op, const at::Tensor& t, const char* name, co
   TORCH_CHECK_VALUE(
       t.device() == q.device(), op, ": all tensors must be on one device, but q is on ", q.device(),
       " and ", name, " is on ", t.device());
-}
-
-bool has_cuda_kernel(const char* op) {
-  auto handle = c10::Dispatcher::singleton().findOp(c10::OperatorName(op, ""));
-  return handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
-}
-
-// Whether `backend` can serve this call; raises naming the fix if not.
-void check_backend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::string& method, const std::string& backend) {
-  const BackendRow* row = nullptr;
-  for (const auto& r : kBackends) {
-    if (backend == r.name) row = &r;
-  }
-  TORCH_CHECK_VALUE(
-      row != nullptr, "decay_attn: unknown backend '", backend, "'; expected one of auto, aten, cpu, triton, cuda");
-  const auto dev = q.device();
-  const bool meta = dev.is_meta();  // meta tensors: shapes only, no device to run on
-  const std::string device(row->device);
-  if (!device.empty() && !meta) {
-    const bool ok = (device == "cpu" && dev.is_cpu()) || (device == "cuda" && dev.is_cuda());
-    TORCH_CHECK_VALUE(
-        ok, "decay_attn: backend '", backend, "' needs ", device == "cpu" ? "CPU" : "CUDA",
-        " tensors; q is on ", dev, " (use ", dev.is_cpu() ? "backend='auto', 'cpu' or 'aten'"
-        : dev.is_cuda() ? "backend='auto', 'triton', 'cuda' or 'aten'" : "backend='auto' or 'aten'", ")");
-  }
-  TORCH_CHECK_VALUE(
-      row->methods[0] == '\0' || in_list(method, row->methods), "decay_attn: backend '", backend,
-      "' implements methods ", row->methods, "; got '", method, "' (use ", row->instead, ")");
-  TORCH_CHECK_VALUE(
-      row->float64 || compute_dtype(q, k, v) != at::kDouble, "decay_attn: backend '", backend,
-      "' computes in float32; float64 inputs need backend='aten' or 'auto'");
-  TORCH_CHECK_VALUE(
-      row->max_head_dim == 0 || q.sym_size(3) <= row->max_head_dim, "decay_attn: backend '", backend,
-      "' takes head dim K at most ", row->max_head_dim, ", got ", q.sym_size(3), " (use ", row->instead, ")");
-  TORCH_CHECK_VALUE(
-      meta || row->needs_kernel[0] == '\0' || has_cuda_kernel(row->needs_kernel), "decay_attn: backend '", backend,
-      "' needs the C++ CUDA kernels (csrc/cuda, torch.ops.leet._decay_attn_cuda), which this build of "
-      "leet_compile lacks; rebuild with nvcc and a CUDA torch (`pip install --no-build-isolation -e .`), "
-      "or use ", row->instead);
 }
 
 }  // namespace
@@ -172,10 +95,7 @@ void check_decay_attn_inputs(
         "decay_attn: initial_state must have shape [B, H, K, V] = [", B, ", ", H, ", ", K, ", ",
         V, "], got ", s.sym_sizes());
   }
-  bool known = false;
-  for (const char* name : kMethods) known = known || method == name;
-  TORCH_CHECK_VALUE(known, "decay_attn: unknown method '", method, "'; expected one of ", kAllMethods);
-  check_backend(q, k, v, method, backend);
+  check_method_and_backend(q, k, v, method, backend);  // the tables of csrc/backends.cpp
 }
 
 void check_step_inputs(
@@ -247,36 +167,6 @@ void check_step_inputs(
   }
 }
 
-// method="auto" on a GPU kernel: token by token up to this length (decoding, short
-// prompts), chunks beyond.
-constexpr int64_t kRecurrentMaxT = 16;
-
-bool triton_kernels_registered() { return has_cuda_kernel("leet::_decay_attn_triton"); }
-
-GpuPlan gpu_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& method,
-                 const std::string& backend, bool triton) {
-  const bool float64 = compute_dtype(q, k, v) == at::kDouble;
-  const bool degenerate =
-      q.sym_size(0) * q.sym_size(1) * q.sym_size(3) * v.sym_size(3) == 0;  // nothing to launch
-  const std::string resolved =
-      method != "auto" ? method : (q.sym_size(2) <= kRecurrentMaxT ? "recurrent" : "chunked");
-  if (backend == "aten") return {0, method};
-  if (backend == "cuda") return {2, resolved};
-  if (backend == "triton") {
-    TORCH_CHECK_VALUE(
-        triton, "decay_attn: backend 'triton' needs the triton package (`pip install triton`) and the "
-        "leet_compile Python package imported; use backend='aten' or 'auto'");
-    return degenerate ? GpuPlan{0, method} : GpuPlan{1, resolved};
-  }
-  // "auto": Triton, else the C++ CUDA kernels, else ATen (for what the kernels implement).
-  const BackendRow& triton_row = kBackends[3];
-  if (!degenerate && in_list(method, triton_row.methods)) {
-    if (triton && !float64) return {1, resolved};
-    if (has_cuda_kernel("leet::_decay_attn_cuda") && q.sym_size(3) <= kCudaMaxHeadDim) return {2, resolved};
-  }
-  return {0, method};
-}
-
 namespace {
 
 // The check ops: what the fake kernels call (metadata only; no outputs).
@@ -294,24 +184,19 @@ void check_step_op(
                     name == "decay_attn_step_");
 }
 
-// The GPU policy for Python (ops/gpu.py select()): impl * 8 + the method's index in kMethods.
-int64_t gpu_plan_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::string_view method,
-                    c10::string_view backend, bool triton) {
-  const auto plan = gpu_plan(q, k, v, std::string(method), std::string(backend), triton);
-  int64_t index = 0;
-  for (int64_t i = 0; i < 6; ++i) {
-    if (plan.method == kMethods[i]) index = i;
-  }
-  return plan.impl * 8 + index;
+// The rules Python needs values of (ops/decay_attn.py compute_dtype, resolve_scale).
+std::string compute_dtype_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return compute_dtype(q, k, v) == at::kDouble ? "float64" : "float32";
 }
+
+double scale_op(std::optional<double> scale, int64_t K) { return resolve_scale(scale, K); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(leet, m) {
-  // The GPU policy (see gpu_plan), for ops/gpu.py: impl * 8 + method index.
-  m.def(
-      "_decay_attn_gpu_plan(Tensor q, Tensor k, Tensor v, str method, str backend, bool triton) -> int",
-      &gpu_plan_op);
+  // compute_dtype and resolve_scale for Python (ops/decay_attn.py; its one copy of each, for traced code, is pinned by a test).
+  m.def("_decay_attn_compute_dtype(Tensor q, Tensor k, Tensor v) -> str", &compute_dtype_op);
+  m.def("_decay_attn_scale(float? scale, int K) -> float", &scale_op);
   // Raise exactly the error the op's kernels would raise for these arguments (or return).
   m.def(
       "_check_decay_attn(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? initial_state, "

@@ -26,8 +26,9 @@ constexpr int64_t kCudaMaxHeadDim = 256;
 
 // The argument contract (csrc/contract.cpp), shared by every kernel and, through the
 // check ops leet::_check_decay_attn / _check_decay_attn_step, by the fake kernels.
-// Raises ValueError / TypeError naming the first bad argument; the backend rules
-// (device, methods, dtypes, head dim, kernels present) are a table there.
+// Raises ValueError / TypeError naming the first bad argument; the method and backend
+// rules (device, methods, dtypes, head dim, implementation present) are the tables of
+// csrc/backends.cpp.
 void check_decay_attn_inputs(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay,
@@ -40,25 +41,14 @@ void check_step_inputs(
     const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& state, bool in_place);
 
-// The GPU policy (the one "auto" for CUDA tensors): which implementation serves a
-// checked call, and with which method. `triton` says whether the Triton kernels are
-// registered (leet::_decay_attn_triton has a CUDA kernel: the Python package and
-// triton are present). impl: 0 ATen methods, 1 Triton, 2 the C++ CUDA kernels.
-struct GpuPlan {
-  int impl;
-  std::string method;
-};
-GpuPlan gpu_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& method,
-                 const std::string& backend, bool triton);
-bool triton_kernels_registered();
-
 // scale=None means K^-0.5 (as in SDPA and flash-linear-attention).
 double resolve_scale(std::optional<double> scale, int64_t K);
 
 // float64 for float64 inputs, float32 otherwise: the accumulation and state dtype.
 at::ScalarType compute_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
-// The device-generic methods, written with ATen ops (any device): backend "aten".
+// The device-generic methods, written with ATen ops (any device): backend "aten"
+// (its signature is the seam's, leet::BackendImpl in csrc/backends.h).
 std::tuple<at::Tensor, at::Tensor> decay_attn_aten(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& log_decay, double scale,

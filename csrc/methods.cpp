@@ -4,7 +4,7 @@
 // and every decay weight is formed from a *difference* of cumulative log decays
 // taken inside one block (never exp(A_i) * exp(-A_j)), so strong or positive
 // decays stay as exact as the arithmetic allows.
-#include "decay_attn.h"
+#include "backends.h"
 
 #include <torch/library.h>
 
@@ -291,23 +291,9 @@ std::tuple<Tensor, Tensor> decay_attn_aten(
 
 namespace {
 
-// Serves every device that has no kernel of its own, with the ATen methods.
-std::tuple<Tensor, Tensor> decay_attn_any_device(
-    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    std::optional<double> scale, const std::optional<Tensor>& initial_state, bool output_final_state,
-    const std::string& method, const std::string& backend) {
-  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);
-  TORCH_CHECK_VALUE(
-      backend == "auto" || backend == "aten", "decay_attn: backend '", backend,
-      "' has no kernel for tensors on ", q.device(), " (use backend='auto' or 'aten')");
-  return decay_attn_aten(q, k, v, log_decay, resolve_scale(scale, q.size(3)), initial_state,
-                         output_final_state, method);
-}
+// The "aten" row of the backend table (csrc/backends.cpp): every method, any device.
+const RegisterBackend kRegistered("aten", &decay_attn_aten);
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(leet, CompositeExplicitAutograd, m) {
-  m.impl("decay_attn", &decay_attn_any_device);
-}
 
 }  // namespace leet

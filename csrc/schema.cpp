@@ -18,7 +18,7 @@ TORCH_LIBRARY(leet, m) {
       "_decay_attn_cuda(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
       "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
   // The Triton kernels (ops/triton_kernels.py), whose CUDA kernel the Python package
-  // registers when triton is installed; decay_attn's CUDA kernel (csrc/gpu_dispatch.cpp)
+  // registers when triton is installed; the "triton" row of the backend table (csrc/triton_backend.cpp)
   // calls it for backend "triton" (and "auto"). method: "chunked" or "recurrent".
   m.def(
       "_decay_attn_triton(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "

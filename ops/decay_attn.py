@@ -9,21 +9,40 @@ import torch
 
 from . import _torch_private as private
 
-METHODS = ("auto", "naive", "recurrent", "chunked", "fleet", "recursive")
-BACKENDS = ("auto", "aten", "cpu", "triton", "cuda")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The methods and backends, from the tables of csrc/backends.cpp (the one list of each).
+METHODS, BACKENDS = (tuple(names) for names in torch.ops.leet._decay_attn_tables()[:2])
+
+
+# Two rules Python needs the values of live in C++ (csrc/contract.cpp) and are reached
+# through metadata ops, which read dtypes and sizes only (fake tensors too). Where dynamo
+# traces the caller (the public wrappers), an op returning a non-tensor would break the
+# graph, and a symbolic K would be specialized by one (a guard and a recompile per head
+# dim): there, and only there, the one Python copy of each rule below is used, pinned to
+# the C++ by tests/test_backends.py::test_python_copies_of_cpp_rules.
 
 
 def compute_dtype(q, k, v):
     """float64 for float64 inputs, float32 otherwise: accumulation and state dtype."""
-    return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    if torch.compiler.is_compiling():
+        return _compute_dtype_copy(q, k, v)
+    return getattr(torch, torch.ops.leet._decay_attn_compute_dtype(q, k, v))
 
 
 def resolve_scale(scale, K):
-    """scale=None means K^-0.5 (resolve_scale in csrc/contract.cpp; tested to agree)."""
+    """scale=None means K^-0.5 (as in SDPA and flash-linear-attention)."""
+    if torch.compiler.is_compiling() or not isinstance(K, int):
+        return _resolve_scale_copy(scale, K)
+    return torch.ops.leet._decay_attn_scale(scale, K)
+
+
+def _compute_dtype_copy(q, k, v):
+    return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+
+
+def _resolve_scale_copy(scale, K):
     if scale is not None:
         return float(scale)
-    return K ** -0.5 if K > 0 else 1.0
+    return 1.0 / K ** 0.5 if K > 0 else 1.0  # 1 / sqrt(K), bit for bit as in C++ (K ** -0.5 is not)
 
 
 def check_inputs(q, k, v, log_decay, initial_state, method, backend):

@@ -1,14 +1,15 @@
 """The GPU side of ``torch.ops.leet.decay_attn`` that needs Python: the Triton kernels.
 
-decay_attn's CUDA kernel is C++ (csrc/gpu_dispatch.cpp), so that a process without
-Python finds it; it checks the arguments (csrc/contract.cpp), applies the one GPU
-policy (gpu_plan, there too) and calls the ATen methods, the C++ CUDA kernels
-(``leet::_decay_attn_cuda``) or the Triton kernels (``leet::_decay_attn_triton``).
+decay_attn's kernels are C++ (the one dispatcher of csrc/backends.cpp), so that a
+process without Python finds them; on CUDA tensors they check the arguments
+(csrc/contract.cpp), take the backend table's plan and call the row's implementation:
+the ATen methods, the C++ CUDA kernels (``leet::_decay_attn_cuda``) or the Triton
+kernels (``leet::_decay_attn_triton``, through csrc/triton_backend.cpp).
 This module adds:
 
 * the CUDA kernel of ``leet::_decay_attn_triton``: ops/triton_kernels.py, registered
   when triton is installed (found, not imported: triton is imported on first use);
-* :func:`select`, the policy for Python callers (a binding of the C++ one);
+* :func:`select`, the plan for Python callers (a binding of the C++ one);
 * a FunctionalTensorMode rule, the mechanism of ``torch.library.triton_op``: when
   AOTAutograd (torch.compile, AOTInductor) functionalizes a call that takes the
   Triton path, the op is replaced by its ``wrap_triton`` kernel launches, so Inductor
@@ -20,12 +21,11 @@ import importlib.util
 import torch
 
 from . import _torch_private as private
-from .decay_attn import METHODS, check_inputs, compute_dtype, resolve_scale
+from .decay_attn import check_inputs, resolve_scale
 
 _OP = "leet::decay_attn"
 _CUDA_OP = "leet::_decay_attn_cuda"
 _TRITON_OP = "leet::_decay_attn_triton"
-_IMPLS = ("aten", "triton", "cuda")  # gpu_plan's impl codes (csrc/decay_attn.h)
 
 
 @functools.cache
@@ -55,18 +55,20 @@ def has_cuda_kernels() -> bool:
 
 
 def select(q, k, v, method, backend):
-    """The implementation for a call on GPU tensors: ("triton" | "cuda" | "aten", method).
+    """The implementation for a call on GPU tensors: (backend row, method), e.g.
+    ("triton", "chunked").
 
-    The C++ policy (gpu_plan in csrc/contract.cpp, what decay_attn's CUDA kernel uses),
-    for a call the contract accepted; it raises only for backend='triton' without triton.
+    The C++ plan (plan_call in csrc/backends.cpp, what decay_attn's kernels use) for
+    CUDA, for a call the contract accepted; triton counts as absent unless it imports.
+    It raises only for backend='triton' without triton.
     """
-    code = torch.ops.leet._decay_attn_gpu_plan(q, k, v, method, backend, triton_available())
-    return _IMPLS[code // 8], METHODS[code % 8]
+    absent = [] if triton_available() else ["triton"]
+    return tuple(torch.ops.leet._decay_attn_plan(q, k, v, method, backend, "cuda", absent))
 
 
 def decay_attn_gpu(q, k, v, log_decay=None, scale=None, initial_state=None, output_final_state=False,
                    method="auto", backend="auto", traced=False):
-    """What decay_attn's CUDA kernel (csrc/gpu_dispatch.cpp) does, in Python: for the
+    """What decay_attn's kernel (csrc/backends.cpp) does on CUDA tensors, in Python: for the
     tracing rule below, and callable on CPU tensors under TRITON_INTERPRET=1 for tests.
     `traced` launches Triton through wrap_triton."""
     if q.device.type == "cuda":

@@ -37,15 +37,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .decay_attn import compute_dtype, resolve_scale
+
 __all__ = ["decay_attn_varlen", "check_varlen_inputs", "check_cu_seqlens_values"]
 
 _OP = "decay_attn_varlen"
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _state_dtype(q, k, v):
-    """float64 for float64 inputs, float32 otherwise (the op's accumulation dtype)."""
-    return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
 
 
 def check_varlen_inputs(q, k, v, log_decay, cu_seqlens, initial_state):
@@ -140,7 +137,7 @@ def _varlen(
     N = len(offsets) - 1
     if N == 0:  # T == 0: let the op check the arguments and give the (empty) output
         o, _ = torch.ops.leet.decay_attn(q, k, v, log_decay, scale, None, False, method, backend)
-        return o, q.new_empty((0, H, K, V) if output_final_state else (0,), dtype=_state_dtype(q, k, v))
+        return o, q.new_empty((0, H, K, V) if output_final_state else (0,), dtype=compute_dtype(q, k, v))
     o = v.new_empty(1, H, T, V)
     states = []
     for s, e, a, s0 in _slices(log_decay, initial_state, offsets):
@@ -149,7 +146,7 @@ def _varlen(
         )
         o[:, :, s:e] = o_n
         states.append(state_n)
-    state = torch.cat(states) if output_final_state else q.new_empty((0,), dtype=_state_dtype(q, k, v))
+    state = torch.cat(states) if output_final_state else q.new_empty((0,), dtype=compute_dtype(q, k, v))
     return o, state
 
 
@@ -163,7 +160,7 @@ def _varlen_fake(q, k, v, log_decay, cu_seqlens, scale, initial_state, output_fi
     _, H, _, K = q.shape
     N = cu_seqlens.shape[0] - 1
     shape = (N, H, K, v.shape[3]) if output_final_state else (0,)
-    return torch.empty_like(o), q.new_empty(shape, dtype=_state_dtype(q, k, v))
+    return torch.empty_like(o), q.new_empty(shape, dtype=compute_dtype(q, k, v))
 
 
 @torch.library.custom_op("leet::decay_attn_varlen_backward", mutates_args=())
@@ -253,8 +250,7 @@ def decay_attn_varlen(q, k, v, log_decay=None, cu_seqlens=None, *, scale=None, i
     ``scale=None`` means ``K ** -0.5``. Returns ``o`` ``[1, H, T, V]``, or ``(o, final_state)``
     with ``final_state`` ``[N, H, K, V]``.
     """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = resolve_scale(scale, q.shape[-1])
     o, state = torch.ops.leet.decay_attn_varlen(
         q, k, v, log_decay, cu_seqlens, float(scale), initial_state, output_final_state, method, backend
     )

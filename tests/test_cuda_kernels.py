@@ -181,7 +181,7 @@ def test_backward_with_v_above_the_head_dim_limit():
 
 
 def test_cpp_dispatch_picks_each_backend():
-    """decay_attn's CUDA kernel is C++ (csrc/gpu_dispatch.cpp): every backend and method."""
+    """decay_attn's CUDA kernel is C++ (csrc/backends.cpp): every backend and method."""
     T, K, V = 40, 32, 48
     q, k = (torch.randn(1, 2, T, K, device="cuda") for _ in range(2))
     v = torch.randn(1, 2, T, V, device="cuda")

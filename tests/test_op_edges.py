@@ -345,8 +345,8 @@ def test_eager_fake_and_compiled_fail_alike(args, kwargs, match):
 
 
 def test_gpu_policy_is_the_cpp_one():
-    """ops/gpu.py's select() is a binding of gpu_plan (csrc/contract.cpp), and the method
-    codes it decodes follow the contract's list of methods."""
+    """ops/gpu.py's select() is a binding of plan_call (csrc/backends.cpp), and the method
+    names it returns are the contract's."""
     from leet_compile.ops import gpu
 
     with pytest.raises(ValueError) as err:
@@ -475,7 +475,7 @@ def test_private_has_kernel():
     from leet_compile.ops import _torch_private as private
 
     assert private.has_kernel("leet::decay_attn", "CPU")
-    assert private.has_kernel("leet::decay_attn", "CUDA")  # C++ (csrc/gpu_dispatch.cpp), any build
+    assert private.has_kernel("leet::decay_attn", "CUDA")  # C++ (csrc/backends.cpp), any build
     assert not private.has_kernel("leet::decay_attn_step", "CUDA")  # composite, no CUDA-specific kernel
 
 

@@ -5,7 +5,7 @@
 // it, about 25% faster per call than BLAS at these sizes, else on BLAS.
 // Inputs are read in place when their last dim is contiguous (permuted views of a
 // fused qkv projection included); anything else is copied once.
-#include "../decay_attn.h"
+#include "../backends.h"
 #include "small_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -171,24 +171,19 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
 
 namespace {
 
-// CPU: backend "cpu" is the fused kernel (chunked method only), "aten" the generic
-// methods; "auto" takes the fused kernel for the chunked method, the rest from aten.
+// The "cpu" row of the backend table (csrc/backends.cpp): the fused kernel, methods
+// auto and chunked. Empty problems go to ATen (which gets their shapes right).
 std::tuple<Tensor, Tensor> decay_attn_cpu(
-    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay,
-    std::optional<double> scale_arg, const std::optional<Tensor>& initial_state, bool output_final_state,
-    const std::string& method, const std::string& backend) {
-  check_decay_attn_inputs(q, k, v, log_decay, initial_state, method, backend);  // backend rules included
-  const double scale = resolve_scale(scale_arg, q.size(3));
-  const bool chunked = method == "auto" || method == "chunked";
-  // The fused kernel needs no special case for empty problems; ATen handles them.
-  if (backend == "aten" || !chunked || q.numel() == 0 || v.numel() == 0) {
-    return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, method);
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
+    const std::optional<Tensor>& initial_state, bool output_final_state, const std::string& /*method*/) {
+  if (q.numel() == 0 || v.numel() == 0) {
+    return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, "chunked");
   }
   return decay_attn_chunked_cpu(q, k, v, log_decay, scale, initial_state, output_final_state);
 }
 
-}  // namespace
+const RegisterBackend kRegistered("cpu", &decay_attn_cpu);
 
-TORCH_LIBRARY_IMPL(leet, CPU, m) { m.impl("decay_attn", &decay_attn_cpu); }
+}  // namespace
 
 }  // namespace leet

@@ -1,7 +1,7 @@
 // torch glue of the CUDA kernels: leet::_decay_attn_cuda on CUDA tensors.
 // Compiled only in CUDA builds (setup.py); the kernels behind the C API in
 // decay_attn_kernels.h compile without torch.
-#include "../decay_attn.h"
+#include "../backends.h"
 #include "decay_attn_kernels.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -95,6 +95,9 @@ std::tuple<Tensor, Tensor> decay_attn_cuda(
   TORCH_CHECK(err == cudaSuccess, "_decay_attn_cuda: kernel launch failed: ", cudaGetErrorString(err));
   return {o.to(v_in.scalar_type()), state};
 }
+
+// The "cuda" row of the backend table (csrc/backends.cpp); builds without nvcc lack it.
+const RegisterBackend kRegistered("cuda", &decay_attn_cuda);
 
 }  // namespace
 
