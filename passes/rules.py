@@ -419,7 +419,8 @@ def _t_detach(t):
     if isinstance(t, T.Exp):
         return dataclasses.replace(t, m=T.cdetach(t.m), x=_t_detach(t.x))
     if isinstance(t, T.Scores):
-        raise Unproven("the scores are detached")
+        raise Unproven("the scores are detached outside a row sum (s.detach().sum(-1) is followed; "
+                       "|s|, or other functions of detached scores, have no O(T) form)")
     if isinstance(t, T.Row):
         return T.row_fn("detach", t)
     return t

@@ -180,3 +180,29 @@ def test_low_precision_row_sums_are_left_alone():
     q, k, v = _inputs(seed=4, dtype=torch.float32)
     _compile(fn)(q, k, v)
     assert counters["leet"]["decay_attn_rewrites"] == 0
+
+
+def test_guarded_rewrite_shares_values_the_rest_of_the_model_reads():
+    """torchscale's RetNetRelPos builds one position tensor for the mask and for the
+    rotary angles of q and k: the fallback branch must not take it away from them."""
+    class SharedPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("decay", torch.tensor([-0.1, -0.2, -0.3], dtype=torch.float64))
+
+        def forward(self, q, k, v):
+            T = q.shape[-2]
+            n = torch.arange(T).to(self.decay)
+            rot = torch.cos(n[:, None] * 0.1)  # read by q and k, and by the mask below
+            q, k = q * rot, k * rot
+            future = ~torch.tril(torch.ones(T, T, dtype=q.dtype)).bool()
+            d = torch.masked_fill(n[:, None] - n[None, :], future, float("inf"))
+            mask = torch.nan_to_num(torch.exp(d * self.decay[:, None, None]))
+            return ((q @ k.mT) * mask) @ v
+
+    model = SharedPositions()
+    q, k, v = _inputs(seed=5)
+    out = _compile(model)(q, k, v)
+    assert counters["leet"]["decay_attn_rewrites"] == 1
+    assert counters["leet"]["internal_errors"] == 0
+    torch.testing.assert_close(out, model(q, k, v), rtol=1e-10, atol=1e-10)
