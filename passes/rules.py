@@ -474,6 +474,18 @@ def _expand(it, n, roles):
     return it.ev(n.args[0], bcast(n.args[0], roles))
 
 
+@rule(aten.repeat, rounds=False)
+def _repeat(it, n, roles):
+    """x.repeat(reps) that only tiles size-1 dims (and adds leading ones): an expand.
+    Tiling a dim of size > 1 wraps its index around, which no role describes."""
+    x, reps = n.args[0], list(n.args[1])
+    shp = shape(x)
+    new = len(reps) - len(shp)
+    if new < 0 or any(not (isinstance(r, int) and r == 1) and not is_one(s) for r, s in zip(reps[new:], shp)):
+        raise Unproven("repeat of a dim of size > 1 (the index wraps around); use expand")
+    return it.ev(x, tuple(None if is_one(s) else r for r, s in zip(roles[new:], shp)))
+
+
 @rule(aten.permute, rounds=False)
 def _permute(it, n, roles):
     perm = [p % len(roles) for p in n.args[1]]

@@ -69,8 +69,29 @@ def heads_after_time(q, k, v):  # Mamba2 / fla layout [B, T, H, D]
     return torch.einsum("bhij,bjhd->bihd", s, vt).transpose(1, 2)
 
 
+def repeated_per_head(q, k, v):  # repeat (of size-1 and new dims only) instead of expand
+    i, j = _pos(q.shape[-2])
+    d = (i - j).repeat(q.shape[1], 1, 1)
+    D = torch.where(d >= 0, 0.9 ** d.clamp(min=0).to(q.dtype), 0.0)
+    return ((q @ k.transpose(-1, -2)) * D) @ v
+
+
 SPELLINGS = [inplace_fill, three_operand_einsum, constant_ramp, meshgrid_positions, transposed_product,
-             tensor_scale, extra_leading_dim, heads_after_time]
+             tensor_scale, extra_leading_dim, heads_after_time, repeated_per_head]
+
+
+def test_repeat_that_tiles_positions_is_left_alone():
+    """repeat(1, 2) of a [T, T] mask tiles the key positions: the index wraps around."""
+    def fn(q, k, v):
+        T = q.shape[-2]
+        D = torch.ones(T, T // 2, dtype=q.dtype).tril().repeat(1, 2)
+        return ((q @ k.transpose(-1, -2)) * D) @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.testing.assert_close(torch.compile(fn, backend="leet")(q, k, v), fn(q, k, v))
+    assert counters["leet"]["decay_attn_rewrites"] == 0
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
