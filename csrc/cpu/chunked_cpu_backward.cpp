@@ -1,0 +1,371 @@
+// The fused backward of the CPU chunked kernel: leet::_decay_attn_backward.
+//
+// Per (batch, head), with o_t = s q_t S_t, S_t = exp(a_t) S_{t-1} + k_t^T v_t (DESIGN.md)
+// and G_t = dLoss/dS_t (the adjoint state: G_{T-1} = grad_state, and
+// G_{t-1} = exp(a_t) G_t + s q_t^T dO_t going back in time):
+//   dq_t = s dO_t S_t^T,   dk_t = v_t G_t^T,   dv_t = k_t G_t,   d initial_state = G_{-1},
+// and with L the cumulative log decay, dLoss/dL_t = q_t.dq_t - k_t.dk_t (+ <grad_state,
+// S_{T-1}> at t = T-1), so d a_t = sum_{i >= t} dLoss/dL_i (the rule ops/decay_attn.py
+// used before this kernel, kept so that both agree edge case for edge case).
+//
+// Two sweeps over the sequence in chunks of C, as the forward:
+//   1. forward in time: the state entering every chunk (one K x V matrix per chunk,
+//      memory (T / C) K V per thread, linear in T; the chunk's K^T V product);
+//   2. backward in time, carrying G: per chunk the scores A = s (K Q^T) * D and
+//      dA = s (V dO^T) * D (D the causal decay, kept transposed: row j, column i >= j)
+//      give, with the states, all gradients in eight small products:
+//        dq = (s e^L dO) S^T + dA^T K           dk = e^(L_end - L) V G^T + dA Q
+//        dv = e^(L_end - L) K G + A dO           G <- e^L_end G + Q^T (s e^L dO)
+// That is the forward's products twice (the lower bound for a backward) plus the
+// recomputed Q K^T and K^T V: about 2.5x the forward's FLOPs at K = V = 2C.
+// Inputs of any dtype and strides are read a chunk tile at a time into float32 (float64
+// for float64) tiles, so half inputs need no full-tensor float32 copies. No T x T
+// buffer, no flipped copies.
+#include "../decay_attn.h"
+#include "small_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace leet {
+namespace {
+
+using at::Tensor;
+using cpu::mm;
+
+// The forward's chunk length (csrc/cpu/chunked_cpu.cpp) and underflow floor: the same
+// chunking makes the clamped cumulative log decays, hence the weights, the forward's.
+constexpr int64_t kChunk = 32;
+constexpr double kUnderflow = 800.0;
+
+// One (b, h) slice of a [B, H, T, D] input: element (t, x) at p[t * st + x * sx].
+template <typename In>
+struct Slice {
+  const In* p;
+  int64_t st, sx;
+};
+
+template <typename In>
+Slice<In> slice(const Tensor& x, int64_t b, int64_t h) {
+  return {x.data_ptr<In>() + b * x.stride(0) + h * x.stride(1), x.stride(2), x.stride(3)};
+}
+
+// dst[r, x] = src(t0 + r, x) as T ([rows, cols], row-major); returns whether all finite.
+template <typename T, typename In>
+bool load_rows(T* dst, const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols) {
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* row = src.p + (t0 + r) * src.st;
+    T* out = dst + r * cols;
+    if (src.sx == 1) {
+      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x]);
+    } else {
+      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x * src.sx]);
+    }
+    for (int64_t x = 0; x < cols; ++x) finite = finite && std::isfinite(out[x]);
+  }
+  return finite;
+}
+
+// dst[x, r] = rows[r, x] ([rows, cols] -> [cols, rows]).
+template <typename T>
+void transpose(T* dst, const T* rows_in, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t x = 0; x < cols; ++x) dst[x * rows + r] = rows_in[r * cols + x];
+  }
+}
+
+template <typename T, typename In>
+void store_rows(In* dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<In>(src[i]);
+}
+
+// The clamped cumulative log decay inside a chunk, exactly as the forward computes it
+// (csrc/cpu/chunked_cpu.cpp): entries below -(800 + the chunk's positive sum) are raised
+// to it (their weights are 0 either way; -inf would make inf - inf). Per-head decays
+// (ah, already raised to -800) give L_i = ah (i + 1).
+void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c, double* L) {
+  if (a && !per_head) {
+    double positive = 0;
+    for (int64_t i = 0; i < c; ++i) positive += a[i] > 0 ? a[i] : 0.0;
+    const double floor = -(kUnderflow + positive);
+    double run = 0;
+    for (int64_t i = 0; i < c; ++i) {
+      run += a[i] < floor ? floor : a[i];  // (NaN stays NaN)
+      L[i] = run;
+    }
+  } else {
+    for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
+  }
+}
+
+struct Args {
+  Tensor grad_o, q, k, v;  // inputs, one dtype (In), any strides
+  Tensor a;                // log decay as float64, contiguous ([H] or [B, H, T]), or undefined
+  Tensor s0, d_sf;         // initial state, grad of the final state: [B, H, K, V] in T, or undefined
+  double scale;
+  Tensor dq, dk, dv;       // outputs in In, contiguous
+  Tensor da;               // [B, H, T] (per-position decay) or [B, H] (per-head) in T, or undefined
+  Tensor ds0;              // [B, H, K, V] in T, or undefined
+};
+
+template <typename T, typename In>
+void backward_kernel(const Args& g) {
+  const int64_t B = g.q.size(0), H = g.q.size(1), T_len = g.q.size(2), K = g.q.size(3), V = g.v.size(3);
+  const int64_t C = std::min(kChunk, T_len), n_chunks = (T_len + C - 1) / C;
+  const double* a = g.a.defined() ? g.a.data_ptr<double>() : nullptr;
+  const bool per_head = a && g.a.dim() == 1;
+  const double s = g.scale;
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // St[n]: the state entering chunk n, transposed ([V, K]); sf: the final state (also [V, K]).
+    std::vector<T> St(n_chunks * V * K), sf(V * K);
+    std::vector<T> q_rows(C * K), q_t(K * C), k_rows(C * K), v_rows(C * V), v_t(V * C);
+    std::vector<T> do_rows(C * V), do_t(V * C), do_s(C * V), k_s(C * K);
+    std::vector<T> at(C * C), dat(C * C), da_m(C * C), D(C * C);  // (j, i) layouts, da_m is (i, j)
+    std::vector<T> G(K * V), Gt(V * K), dq(C * K), dk(C * K), dv(C * V), table(C);
+    std::vector<double> L(C), e_in(C), e_out(C);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const auto Q = slice<In>(g.q, b, h), Kp = slice<In>(g.k, b, h), Vp = slice<In>(g.v, b, h);
+      const auto dO = slice<In>(g.grad_o, b, h);
+      const double* ab = a ? (per_head ? a : a + bh * T_len) : nullptr;
+      const double ah = !a ? 0.0 : (per_head ? std::max(a[h], -kUnderflow) : 0.0);
+      // s * e^(ah d) for d = i - j: D of every full chunk for per-head (or no) decay.
+      for (int64_t d = 0; d < C; ++d) table[d] = static_cast<T>(s * std::exp(ah * d));
+
+      // ---- sweep 1, forward in time: the state entering each chunk.
+      const bool has_s0 = g.s0.defined();
+      if (has_s0) {
+        transpose(St.data(), g.s0.data_ptr<T>() + bh * K * V, K, V);
+      } else {
+        std::fill(St.begin(), St.begin() + V * K, T(0));
+      }
+      // The final state is needed only for the log decay's <grad_state, S_{T-1}> term.
+      const bool need_sf = g.da.defined() && g.d_sf.defined();
+      for (int64_t n = 0; n < n_chunks - (need_sf ? 0 : 1); ++n) {
+        const int64_t start = n * C, c = std::min(C, T_len - start);
+        chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
+        const double L_end = L[c - 1];
+        load_rows(k_rows.data(), Kp, start, c, K);
+        load_rows(v_rows.data(), Vp, start, c, V);
+        transpose(v_t.data(), v_rows.data(), c, V);
+        for (int64_t j = 0; j < c; ++j) {
+          const T e = static_cast<T>(std::exp(L_end - L[j]));
+          for (int64_t x = 0; x < K; ++x) k_s[j * K + x] = k_rows[j * K + x] * e;
+        }
+        // S_next^T = e^L_end S^T + V^T (e^(L_end - L) K)
+        T* next = n + 1 < n_chunks ? St.data() + (n + 1) * V * K : sf.data();
+        const bool carry = has_s0 || n > 0;
+        if (carry) {
+          const T e = static_cast<T>(std::exp(L_end));
+          const T* cur = St.data() + n * V * K;
+          for (int64_t x = 0; x < V * K; ++x) next[x] = cur[x] * e;
+        }
+        mm<T>(V, K, c, v_t.data(), c, k_s.data(), K, next, K, carry);
+      }
+      double sf_dot = 0;  // <grad_state, S_{T-1}>
+      if (need_sf) {
+        const T* dsf = g.d_sf.data_ptr<T>() + bh * K * V;
+        for (int64_t x = 0; x < K; ++x) {
+          for (int64_t y = 0; y < V; ++y) sf_dot += static_cast<double>(dsf[x * V + y]) * sf[y * K + x];
+        }
+      }
+
+      // ---- sweep 2, backward in time, carrying G = dLoss / d(the state leaving the chunk).
+      bool has_g = g.d_sf.defined();
+      if (has_g) std::copy_n(g.d_sf.data_ptr<T>() + bh * K * V, K * V, G.data());
+      double da_carry = 0, da_sum = 0;  // sum_{i >= t} dLoss/dL_i; its sum over t (per-head)
+      for (int64_t n = n_chunks - 1; n >= 0; --n) {
+        const int64_t start = n * C, c = std::min(C, T_len - start);
+        chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
+        const double L_end = L[c - 1];
+        for (int64_t i = 0; i < c; ++i) {
+          e_in[i] = std::exp(L[i]);           // from the chunk's entering state to i
+          e_out[i] = std::exp(L_end - L[i]);  // from i to the chunk's last position
+        }
+        // Causal decay, transposed: D[j, i] = s e^(L_i - L_j) for i >= j.
+        for (int64_t j = 0; j < c; ++j) {
+          for (int64_t i = j; i < c; ++i) {
+            D[j * c + i] = (a && !per_head) ? static_cast<T>(s * std::exp(L[i] - L[j])) : table[i - j];
+          }
+        }
+        const bool finite_q = load_rows(q_rows.data(), Q, start, c, K);
+        const bool finite_k = load_rows(k_rows.data(), Kp, start, c, K);
+        load_rows(v_rows.data(), Vp, start, c, V);
+        const bool finite_do = load_rows(do_rows.data(), dO, start, c, V);
+        transpose(q_t.data(), q_rows.data(), c, K);
+        transpose(do_t.data(), do_rows.data(), c, V);
+        for (int64_t i = 0; i < c; ++i) {
+          const T e = static_cast<T>(s * e_in[i]);
+          for (int64_t y = 0; y < V; ++y) do_s[i * V + y] = do_rows[i * V + y] * e;
+        }
+        // at[j, i] = s e^(L_i - L_j) k_j.q_i, dat[j, i] = s e^(L_i - L_j) v_j.dO_i for i >= j;
+        // entries i < j are set to 0 (masked, never multiplied: they may hold NaN).
+        mm<T>(c, c, K, k_rows.data(), K, q_t.data(), c, at.data(), c, false);
+        mm<T>(c, c, V, v_rows.data(), V, do_t.data(), c, dat.data(), c, false);
+        for (int64_t j = 0; j < c; ++j) {
+          for (int64_t i = 0; i < j; ++i) {
+            at[j * c + i] = T(0);
+            dat[j * c + i] = T(0);
+          }
+          for (int64_t i = j; i < c; ++i) {
+            at[j * c + i] *= D[j * c + i];
+            dat[j * c + i] *= D[j * c + i];
+          }
+        }
+        transpose(da_m.data(), dat.data(), c, c);  // da_m[i, j], zero for j > i
+
+        // The products below contract over time inside the chunk against a triangular
+        // matrix. A dense product would give 0 * NaN = NaN in a row for a non-finite
+        // input at a position that row does not depend on (a later k for dq, an earlier
+        // q or dO for dk, dv); a chunk holding one takes the exactly causal row-by-row
+        // product (as the forward does for v).
+        // dq = (s e^L dO) S^T + dA K   (the state term is 0 in chunk 0 without initial state)
+        const bool state_in = has_s0 || n > 0;
+        if (state_in) mm<T>(c, K, V, do_s.data(), V, St.data() + n * V * K, K, dq.data(), K, false);
+        else std::fill_n(dq.data(), c * K, T(0));
+        if (finite_k) {
+          mm<T>(c, K, c, da_m.data(), c, k_rows.data(), K, dq.data(), K, true);
+        } else {
+          for (int64_t i = 0; i < c; ++i) mm<T>(1, K, i + 1, da_m.data() + i * c, c, k_rows.data(), K, dq.data() + i * K, K, true);
+        }
+        // dk = e^(L_end - L) V G^T + dA Q,  dv = e^(L_end - L) K G + A dO
+        if (has_g) {
+          transpose(Gt.data(), G.data(), K, V);
+          mm<T>(c, K, V, v_rows.data(), V, Gt.data(), K, dk.data(), K, false);
+          mm<T>(c, V, K, k_rows.data(), K, G.data(), V, dv.data(), V, false);
+          for (int64_t j = 0; j < c; ++j) {
+            const T e = static_cast<T>(e_out[j]);
+            for (int64_t x = 0; x < K; ++x) dk[j * K + x] *= e;
+            for (int64_t y = 0; y < V; ++y) dv[j * V + y] *= e;
+          }
+        } else {
+          std::fill_n(dk.data(), c * K, T(0));
+          std::fill_n(dv.data(), c * V, T(0));
+        }
+        if (finite_q) {
+          mm<T>(c, K, c, dat.data(), c, q_rows.data(), K, dk.data(), K, true);
+        } else {
+          for (int64_t j = 0; j < c; ++j) mm<T>(1, K, c - j, dat.data() + j * c + j, c, q_rows.data() + j * K, K, dk.data() + j * K, K, true);
+        }
+        if (finite_do) {
+          mm<T>(c, V, c, at.data(), c, do_rows.data(), V, dv.data(), V, true);
+        } else {
+          for (int64_t j = 0; j < c; ++j) mm<T>(1, V, c - j, at.data() + j * c + j, c, do_rows.data() + j * V, V, dv.data() + j * V, V, true);
+        }
+        // G <- e^L_end G + Q^T (s e^L dO): the gradient of the state entering this chunk.
+        if (has_g) {
+          const T e = static_cast<T>(std::exp(L_end));
+          for (int64_t x = 0; x < K * V; ++x) G[x] *= e;
+        }
+        mm<T>(K, V, c, q_t.data(), c, do_s.data(), V, G.data(), V, has_g);
+        has_g = true;
+
+        // d a_t = sum_{i >= t} (q_i.dq_i - k_i.dk_i), plus <grad_state, S_{T-1}> for i = T-1;
+        // accumulated in float64 (a sum over the whole sequence).
+        if (g.da.defined()) {
+          T* da_out = per_head ? nullptr : g.da.data_ptr<T>() + bh * T_len + start;
+          for (int64_t i = c - 1; i >= 0; --i) {
+            double dl = 0;
+            for (int64_t x = 0; x < K; ++x) {
+              dl += static_cast<double>(q_rows[i * K + x]) * dq[i * K + x] -
+                    static_cast<double>(k_rows[i * K + x]) * dk[i * K + x];
+            }
+            if (start + i == T_len - 1) dl += sf_dot;
+            da_carry += dl;
+            if (per_head) da_sum += da_carry;
+            else da_out[i] = static_cast<T>(da_carry);
+          }
+        }
+        store_rows(g.dq.data_ptr<In>() + (bh * T_len + start) * K, dq.data(), c * K);
+        store_rows(g.dk.data_ptr<In>() + (bh * T_len + start) * K, dk.data(), c * K);
+        store_rows(g.dv.data_ptr<In>() + (bh * T_len + start) * V, dv.data(), c * V);
+      }
+      if (per_head && g.da.defined()) g.da.data_ptr<T>()[bh] = static_cast<T>(da_sum);
+      if (g.ds0.defined()) std::copy_n(G.data(), K * V, g.ds0.data_ptr<T>() + bh * K * V);
+    }
+    cpu::release_thread_gemm();
+  });
+}
+
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// (dq, dk, dv, d log_decay, d initial_state); the last two are empty tensors when
+// log_decay / initial_state are None. d log_decay has log_decay's shape ([H]: summed
+// over batch and time) and dtype; the others their input's dtype, contiguous.
+Grads decay_attn_backward_cpu(
+    const Tensor& grad_o, const std::optional<Tensor>& grad_state, const Tensor& q, const Tensor& k,
+    const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
+    const std::optional<Tensor>& initial_state) {
+  check_decay_attn_inputs(q, k, v, log_decay, initial_state, "chunked", "cpu");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3);
+  TORCH_CHECK_VALUE(
+      grad_o.dim() == 4 && grad_o.size(0) == B && grad_o.size(1) == H && grad_o.size(2) == T && grad_o.size(3) == V,
+      "_decay_attn_backward: grad_o must have the output's shape [B, H, T, V] = [", B, ", ", H, ", ", T, ", ", V,
+      "], got ", grad_o.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(grad_o.scalar_type()), "_decay_attn_backward: grad_o must be floating-point");
+  const bool has_ld = log_decay.has_value() && log_decay->defined();
+  const bool has_s0 = initial_state.has_value() && initial_state->defined();
+  const bool has_gs = grad_state.has_value() && grad_state->defined();
+  if (has_gs) {
+    TORCH_CHECK_VALUE(
+        grad_state->dim() == 4 && grad_state->size(0) == B && grad_state->size(1) == H &&
+            grad_state->size(2) == K && grad_state->size(3) == V,
+        "_decay_attn_backward: grad_state must have the state's shape [B, H, K, V] = [", B, ", ", H, ", ", K,
+        ", ", V, "], got ", grad_state->sizes());
+  }
+  const auto dt = compute_dtype(q, k, v);
+  // One input dtype for the kernel; mixed dtypes (rare) compute from copies in dt.
+  const auto in_dt = q.scalar_type();
+  const bool one_dtype = k.scalar_type() == in_dt && v.scalar_type() == in_dt && grad_o.scalar_type() == in_dt;
+  const auto kdt = one_dtype ? in_dt : dt;
+  Args g;
+  g.q = q.to(kdt), g.k = k.to(kdt), g.v = v.to(kdt), g.grad_o = grad_o.to(kdt);
+  g.scale = scale;
+  if (has_ld) g.a = log_decay->to(at::kDouble).contiguous();
+  if (has_s0) g.s0 = initial_state->to(dt).contiguous();
+  if (has_gs) g.d_sf = grad_state->to(dt).contiguous();
+  const auto opts = q.options().dtype(kdt);
+  g.dq = new_output({B, H, T, K}, opts);
+  g.dk = new_output({B, H, T, K}, opts);
+  g.dv = new_output({B, H, T, V}, opts);
+  const bool per_head = has_ld && log_decay->dim() == 1;
+  if (has_ld) {
+    const auto da_shape = per_head ? std::vector<int64_t>{B, H} : std::vector<int64_t>{B, H, T};
+    g.da = new_output(da_shape, q.options().dtype(dt));
+  }
+  if (has_s0) g.ds0 = new_output({B, H, K, V}, q.options().dtype(dt));
+
+  if (B * H * T * K * V == 0) {
+    // Nothing flows through the product: zero gradients, and at T = 0 the initial
+    // state passes straight to the final one.
+    g.dq.zero_(), g.dk.zero_(), g.dv.zero_();
+    if (has_ld) g.da.zero_();
+    if (has_s0) {
+      if (T == 0 && has_gs) g.ds0.copy_(g.d_sf);
+      else g.ds0.zero_();
+    }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kdt, "_decay_attn_backward", [&] {
+      using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      backward_kernel<Acc, scalar_t>(g);
+    });
+  }
+  Tensor d_ld = at::empty({0}, q.options());
+  if (has_ld) d_ld = (per_head ? g.da.sum(0) : g.da).to(log_decay->scalar_type());
+  Tensor d_s0 = has_s0 ? g.ds0.to(initial_state->scalar_type()) : at::empty({0}, q.options());
+  return {g.dq.to(q.scalar_type()), g.dk.to(k.scalar_type()), g.dv.to(v.scalar_type()), d_ld, d_s0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(leet, CPU, m) { m.impl("_decay_attn_backward", &decay_attn_backward_cpu); }
+
+}  // namespace leet
