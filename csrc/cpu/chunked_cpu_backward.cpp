@@ -30,8 +30,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace leet {
 namespace {
@@ -56,29 +62,89 @@ Slice<In> slice(const Tensor& x, int64_t b, int64_t h) {
   return {x.data_ptr<In>() + b * x.stride(0) + h * x.stride(1), x.stride(2), x.stride(3)};
 }
 
-// dst[r, x] = src(t0 + r, x) as T ([rows, cols], row-major); returns whether all finite.
+// A [rows, cols] chunk tile of an input as T: row r at p + r * ld.
+template <typename T>
+struct Tile {
+  const T* p;
+  int64_t ld;
+  const T* row(int64_t r) const { return p + r * ld; }
+};
+
+// The tile of rows t0.. of `src`: read in place when the input is already T with unit
+// inner stride and non-overlapping rows (what GEMM can read), else converted into `buf`.
+// (The per-element work of this kernel is as costly as its products: copies count.)
 template <typename T, typename In>
-bool load_rows(T* dst, const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols) {
-  bool finite = true;
+Tile<T> tile(const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols, T* buf) {
+  if constexpr (std::is_same_v<T, In>) {
+    if (src.sx == 1 && (rows == 1 || src.st >= cols)) return {src.p + t0 * src.st, rows == 1 ? cols : src.st};
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const In* row = src.p + (t0 + r) * src.st;
-    T* out = dst + r * cols;
+    T* out = buf + r * cols;
     if (src.sx == 1) {
       for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x]);
     } else {
       for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x * src.sx]);
     }
-    for (int64_t x = 0; x < cols; ++x) finite = finite && std::isfinite(out[x]);
   }
-  return finite;
+  return {buf, cols};
 }
 
-// dst[x, r] = rows[r, x] ([rows, cols] -> [cols, rows]).
+// Whether every element is finite: an integer test of the exponent bits, which the
+// compiler vectorizes (a std::isfinite loop with early exit it does not).
 template <typename T>
-void transpose(T* dst, const T* rows_in, int64_t rows, int64_t cols) {
+bool all_finite(const Tile<T>& t, int64_t rows, int64_t cols) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U bad = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t x = 0; x < cols; ++x) dst[x * rows + r] = rows_in[r * cols + x];
+    const T* row = t.row(r);
+#pragma omp simd reduction(| : bad)
+    for (int64_t x = 0; x < cols; ++x) {
+      U u;
+      std::memcpy(&u, row + x, sizeof(U));
+      bad |= (u & mask) == mask ? U(1) : U(0);
+    }
   }
+  return bad == 0;
+}
+
+// dst[x * ldd + r] = src[r * lds + x] for r < rows, x < cols. In 4 x 4 blocks with SSE for
+// float (scalar stores of a transpose were a third of this kernel's non-GEMM time).
+template <typename T>
+void transpose(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
+  int64_t r0 = 0;
+#if defined(__SSE__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; r0 + 4 <= rows; r0 += 4) {
+      int64_t x = 0;
+      for (; x + 4 <= cols; x += 4) {
+        __m128 a0 = _mm_loadu_ps(src + (r0 + 0) * lds + x), a1 = _mm_loadu_ps(src + (r0 + 1) * lds + x);
+        __m128 a2 = _mm_loadu_ps(src + (r0 + 2) * lds + x), a3 = _mm_loadu_ps(src + (r0 + 3) * lds + x);
+        _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+        _mm_storeu_ps(dst + (x + 0) * ldd + r0, a0);
+        _mm_storeu_ps(dst + (x + 1) * ldd + r0, a1);
+        _mm_storeu_ps(dst + (x + 2) * ldd + r0, a2);
+        _mm_storeu_ps(dst + (x + 3) * ldd + r0, a3);
+      }
+      for (; x < cols; ++x) {
+        for (int64_t r = r0; r < r0 + 4; ++r) dst[x * ldd + r] = src[r * lds + x];
+      }
+    }
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r) {
+    for (int64_t x = 0; x < cols; ++x) dst[x * ldd + r] = src[r * lds + x];
+  }
+}
+
+// sum_x a[x] b[x] - c[x] d[x] (a vectorized reduction: the order of a float sum is free here).
+template <typename T>
+T dot_diff(const T* a, const T* b, const T* c, const T* d, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t x = 0; x < n; ++x) acc += a[x] * b[x] - c[x] * d[x];
+  return acc;
 }
 
 template <typename T, typename In>
@@ -122,30 +188,33 @@ void backward_kernel(const Args& g) {
   const double* a = g.a.defined() ? g.a.data_ptr<double>() : nullptr;
   const bool per_head = a && g.a.dim() == 1;
   const double s = g.scale;
+  // float32 (float64) gradients are computed in place in the outputs; others via tiles.
+  constexpr bool direct_out = std::is_same_v<T, In>;
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // St[n]: the state entering chunk n, transposed ([V, K]); sf: the final state (also [V, K]).
-    std::vector<T> St(n_chunks * V * K), sf(V * K);
-    std::vector<T> q_rows(C * K), q_t(K * C), k_rows(C * K), v_rows(C * V), v_t(V * C);
-    std::vector<T> do_rows(C * V), do_t(V * C), do_s(C * V), k_s(C * K);
-    std::vector<T> at(C * C), dat(C * C), da_m(C * C), D(C * C);  // (j, i) layouts, da_m is (i, j)
-    std::vector<T> G(K * V), Gt(V * K), dq(C * K), dk(C * K), dv(C * V), table(C);
-    std::vector<double> L(C), e_in(C), e_out(C);
+    // (Not zero-filled: every element is written before it is read.)
+    std::unique_ptr<T[]> St(new T[n_chunks * V * K]);
+    std::vector<T> sf(V * K), q_buf(C * K), k_buf(C * K), v_buf(C * V), do_buf(C * V);
+    std::vector<T> q_t(K * C), v_t(V * C), do_t(V * C), do_s(C * V), k_s(C * K);
+    std::vector<T> at(C * C), dat(C * C), da_m(C * C), D(C * C);  // (j, i) layouts; da_m is (i, j)
+    std::vector<T> G(K * V), Gt(V * K), dq_buf(C * K), dk_buf(C * K), dv_buf(C * V), table(C);
+    std::vector<double> L(C), e_out(C);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const auto Q = slice<In>(g.q, b, h), Kp = slice<In>(g.k, b, h), Vp = slice<In>(g.v, b, h);
-      const auto dO = slice<In>(g.grad_o, b, h);
+      const auto Qs = slice<In>(g.q, b, h), Ks = slice<In>(g.k, b, h), Vs = slice<In>(g.v, b, h);
+      const auto dOs = slice<In>(g.grad_o, b, h);
       const double* ab = a ? (per_head ? a : a + bh * T_len) : nullptr;
       const double ah = !a ? 0.0 : (per_head ? std::max(a[h], -kUnderflow) : 0.0);
-      // s * e^(ah d) for d = i - j: D of every full chunk for per-head (or no) decay.
+      // s * e^(ah d) for d = i - j: D of every chunk for per-head (or no) decay.
       for (int64_t d = 0; d < C; ++d) table[d] = static_cast<T>(s * std::exp(ah * d));
 
       // ---- sweep 1, forward in time: the state entering each chunk.
       const bool has_s0 = g.s0.defined();
       if (has_s0) {
-        transpose(St.data(), g.s0.data_ptr<T>() + bh * K * V, K, V);
+        transpose(St.get(), K, g.s0.data_ptr<T>() + bh * K * V, V, K, V);
       } else {
-        std::fill(St.begin(), St.begin() + V * K, T(0));
+        std::fill_n(St.get(), V * K, T(0));
       }
       // The final state is needed only for the log decay's <grad_state, S_{T-1}> term.
       const bool need_sf = g.da.defined() && g.d_sf.defined();
@@ -153,19 +222,20 @@ void backward_kernel(const Args& g) {
         const int64_t start = n * C, c = std::min(C, T_len - start);
         chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
         const double L_end = L[c - 1];
-        load_rows(k_rows.data(), Kp, start, c, K);
-        load_rows(v_rows.data(), Vp, start, c, V);
-        transpose(v_t.data(), v_rows.data(), c, V);
+        const auto k = tile(Ks, start, c, K, k_buf.data());
+        const auto v = tile(Vs, start, c, V, v_buf.data());
+        transpose(v_t.data(), c, v.p, v.ld, c, V);
         for (int64_t j = 0; j < c; ++j) {
           const T e = static_cast<T>(std::exp(L_end - L[j]));
-          for (int64_t x = 0; x < K; ++x) k_s[j * K + x] = k_rows[j * K + x] * e;
+          const T* kj = k.row(j);
+          for (int64_t x = 0; x < K; ++x) k_s[j * K + x] = kj[x] * e;
         }
         // S_next^T = e^L_end S^T + V^T (e^(L_end - L) K)
-        T* next = n + 1 < n_chunks ? St.data() + (n + 1) * V * K : sf.data();
+        T* next = n + 1 < n_chunks ? St.get() + (n + 1) * V * K : sf.data();
         const bool carry = has_s0 || n > 0;
         if (carry) {
           const T e = static_cast<T>(std::exp(L_end));
-          const T* cur = St.data() + n * V * K;
+          const T* cur = St.get() + n * V * K;
           for (int64_t x = 0; x < V * K; ++x) next[x] = cur[x] * e;
         }
         mm<T>(V, K, c, v_t.data(), c, k_s.data(), K, next, K, carry);
@@ -186,79 +256,80 @@ void backward_kernel(const Args& g) {
         const int64_t start = n * C, c = std::min(C, T_len - start);
         chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
         const double L_end = L[c - 1];
-        for (int64_t i = 0; i < c; ++i) {
-          e_in[i] = std::exp(L[i]);           // from the chunk's entering state to i
-          e_out[i] = std::exp(L_end - L[i]);  // from i to the chunk's last position
-        }
+        for (int64_t i = 0; i < c; ++i) e_out[i] = std::exp(L_end - L[i]);  // from i to the chunk's end
         // Causal decay, transposed: D[j, i] = s e^(L_i - L_j) for i >= j.
-        for (int64_t j = 0; j < c; ++j) {
-          for (int64_t i = j; i < c; ++i) {
-            D[j * c + i] = (a && !per_head) ? static_cast<T>(s * std::exp(L[i] - L[j])) : table[i - j];
+        if (a && !per_head) {
+          for (int64_t j = 0; j < c; ++j) {
+            for (int64_t i = j; i < c; ++i) D[j * c + i] = static_cast<T>(s * std::exp(L[i] - L[j]));
           }
         }
-        const bool finite_q = load_rows(q_rows.data(), Q, start, c, K);
-        const bool finite_k = load_rows(k_rows.data(), Kp, start, c, K);
-        load_rows(v_rows.data(), Vp, start, c, V);
-        const bool finite_do = load_rows(do_rows.data(), dO, start, c, V);
-        transpose(q_t.data(), q_rows.data(), c, K);
-        transpose(do_t.data(), do_rows.data(), c, V);
+        const auto q = tile(Qs, start, c, K, q_buf.data());
+        const auto k = tile(Ks, start, c, K, k_buf.data());
+        const auto v = tile(Vs, start, c, V, v_buf.data());
+        const auto dO = tile(dOs, start, c, V, do_buf.data());
+        transpose(q_t.data(), c, q.p, q.ld, c, K);
+        transpose(do_t.data(), c, dO.p, dO.ld, c, V);
         for (int64_t i = 0; i < c; ++i) {
-          const T e = static_cast<T>(s * e_in[i]);
-          for (int64_t y = 0; y < V; ++y) do_s[i * V + y] = do_rows[i * V + y] * e;
+          const T e = static_cast<T>(s * std::exp(L[i]));  // from the entering state to i
+          const T* row = dO.row(i);
+          for (int64_t y = 0; y < V; ++y) do_s[i * V + y] = row[y] * e;
         }
         // at[j, i] = s e^(L_i - L_j) k_j.q_i, dat[j, i] = s e^(L_i - L_j) v_j.dO_i for i >= j;
         // entries i < j are set to 0 (masked, never multiplied: they may hold NaN).
-        mm<T>(c, c, K, k_rows.data(), K, q_t.data(), c, at.data(), c, false);
-        mm<T>(c, c, V, v_rows.data(), V, do_t.data(), c, dat.data(), c, false);
+        mm<T>(c, c, K, k.p, k.ld, q_t.data(), c, at.data(), c, false);
+        mm<T>(c, c, V, v.p, v.ld, do_t.data(), c, dat.data(), c, false);
         for (int64_t j = 0; j < c; ++j) {
-          for (int64_t i = 0; i < j; ++i) {
-            at[j * c + i] = T(0);
-            dat[j * c + i] = T(0);
-          }
+          T* arow = at.data() + j * c;
+          T* drow = dat.data() + j * c;
+          std::fill_n(arow, j, T(0));
+          std::fill_n(drow, j, T(0));
+          const T* w = (a && !per_head) ? D.data() + j * c : table.data() - j;  // w[i] for i >= j
           for (int64_t i = j; i < c; ++i) {
-            at[j * c + i] *= D[j * c + i];
-            dat[j * c + i] *= D[j * c + i];
+            arow[i] *= w[i];
+            drow[i] *= w[i];
           }
         }
-        transpose(da_m.data(), dat.data(), c, c);  // da_m[i, j], zero for j > i
+        transpose(da_m.data(), c, dat.data(), c, c, c);  // da_m[i, j], zero for j > i
 
+        T* dq = direct_out ? reinterpret_cast<T*>(g.dq.data_ptr<In>()) + (bh * T_len + start) * K : dq_buf.data();
+        T* dk = direct_out ? reinterpret_cast<T*>(g.dk.data_ptr<In>()) + (bh * T_len + start) * K : dk_buf.data();
+        T* dv = direct_out ? reinterpret_cast<T*>(g.dv.data_ptr<In>()) + (bh * T_len + start) * V : dv_buf.data();
         // The products below contract over time inside the chunk against a triangular
         // matrix. A dense product would give 0 * NaN = NaN in a row for a non-finite
         // input at a position that row does not depend on (a later k for dq, an earlier
         // q or dO for dk, dv); a chunk holding one takes the exactly causal row-by-row
         // product (as the forward does for v).
         // dq = (s e^L dO) S^T + dA K   (the state term is 0 in chunk 0 without initial state)
-        const bool state_in = has_s0 || n > 0;
-        if (state_in) mm<T>(c, K, V, do_s.data(), V, St.data() + n * V * K, K, dq.data(), K, false);
-        else std::fill_n(dq.data(), c * K, T(0));
-        if (finite_k) {
-          mm<T>(c, K, c, da_m.data(), c, k_rows.data(), K, dq.data(), K, true);
+        if (has_s0 || n > 0) mm<T>(c, K, V, do_s.data(), V, St.get() + n * V * K, K, dq, K, false);
+        else std::fill_n(dq, c * K, T(0));
+        if (all_finite(k, c, K)) {
+          mm<T>(c, K, c, da_m.data(), c, k.p, k.ld, dq, K, true);
         } else {
-          for (int64_t i = 0; i < c; ++i) mm<T>(1, K, i + 1, da_m.data() + i * c, c, k_rows.data(), K, dq.data() + i * K, K, true);
+          for (int64_t i = 0; i < c; ++i) mm<T>(1, K, i + 1, da_m.data() + i * c, c, k.p, k.ld, dq + i * K, K, true);
         }
         // dk = e^(L_end - L) V G^T + dA Q,  dv = e^(L_end - L) K G + A dO
         if (has_g) {
-          transpose(Gt.data(), G.data(), K, V);
-          mm<T>(c, K, V, v_rows.data(), V, Gt.data(), K, dk.data(), K, false);
-          mm<T>(c, V, K, k_rows.data(), K, G.data(), V, dv.data(), V, false);
+          transpose(Gt.data(), K, G.data(), V, K, V);
+          mm<T>(c, K, V, v.p, v.ld, Gt.data(), K, dk, K, false);
+          mm<T>(c, V, K, k.p, k.ld, G.data(), V, dv, V, false);
           for (int64_t j = 0; j < c; ++j) {
             const T e = static_cast<T>(e_out[j]);
             for (int64_t x = 0; x < K; ++x) dk[j * K + x] *= e;
             for (int64_t y = 0; y < V; ++y) dv[j * V + y] *= e;
           }
         } else {
-          std::fill_n(dk.data(), c * K, T(0));
-          std::fill_n(dv.data(), c * V, T(0));
+          std::fill_n(dk, c * K, T(0));
+          std::fill_n(dv, c * V, T(0));
         }
-        if (finite_q) {
-          mm<T>(c, K, c, dat.data(), c, q_rows.data(), K, dk.data(), K, true);
+        if (all_finite(q, c, K)) {
+          mm<T>(c, K, c, dat.data(), c, q.p, q.ld, dk, K, true);
         } else {
-          for (int64_t j = 0; j < c; ++j) mm<T>(1, K, c - j, dat.data() + j * c + j, c, q_rows.data() + j * K, K, dk.data() + j * K, K, true);
+          for (int64_t j = 0; j < c; ++j) mm<T>(1, K, c - j, dat.data() + j * c + j, c, q.row(j), q.ld, dk + j * K, K, true);
         }
-        if (finite_do) {
-          mm<T>(c, V, c, at.data(), c, do_rows.data(), V, dv.data(), V, true);
+        if (all_finite(dO, c, V)) {
+          mm<T>(c, V, c, at.data(), c, dO.p, dO.ld, dv, V, true);
         } else {
-          for (int64_t j = 0; j < c; ++j) mm<T>(1, V, c - j, at.data() + j * c + j, c, do_rows.data() + j * V, V, dv.data() + j * V, V, true);
+          for (int64_t j = 0; j < c; ++j) mm<T>(1, V, c - j, at.data() + j * c + j, c, dO.row(j), dO.ld, dv + j * V, V, true);
         }
         // G <- e^L_end G + Q^T (s e^L dO): the gradient of the state entering this chunk.
         if (has_g) {
@@ -269,24 +340,22 @@ void backward_kernel(const Args& g) {
         has_g = true;
 
         // d a_t = sum_{i >= t} (q_i.dq_i - k_i.dk_i), plus <grad_state, S_{T-1}> for i = T-1;
-        // accumulated in float64 (a sum over the whole sequence).
+        // carried in float64 (a sum over the whole sequence).
         if (g.da.defined()) {
           T* da_out = per_head ? nullptr : g.da.data_ptr<T>() + bh * T_len + start;
           for (int64_t i = c - 1; i >= 0; --i) {
-            double dl = 0;
-            for (int64_t x = 0; x < K; ++x) {
-              dl += static_cast<double>(q_rows[i * K + x]) * dq[i * K + x] -
-                    static_cast<double>(k_rows[i * K + x]) * dk[i * K + x];
-            }
+            double dl = dot_diff(q.row(i), dq + i * K, k.row(i), dk + i * K, K);
             if (start + i == T_len - 1) dl += sf_dot;
             da_carry += dl;
             if (per_head) da_sum += da_carry;
             else da_out[i] = static_cast<T>(da_carry);
           }
         }
-        store_rows(g.dq.data_ptr<In>() + (bh * T_len + start) * K, dq.data(), c * K);
-        store_rows(g.dk.data_ptr<In>() + (bh * T_len + start) * K, dk.data(), c * K);
-        store_rows(g.dv.data_ptr<In>() + (bh * T_len + start) * V, dv.data(), c * V);
+        if constexpr (!direct_out) {
+          store_rows(g.dq.data_ptr<In>() + (bh * T_len + start) * K, dq, c * K);
+          store_rows(g.dk.data_ptr<In>() + (bh * T_len + start) * K, dk, c * K);
+          store_rows(g.dv.data_ptr<In>() + (bh * T_len + start) * V, dv, c * V);
+        }
       }
       if (per_head && g.da.defined()) g.da.data_ptr<T>()[bh] = static_cast<T>(da_sum);
       if (g.ds0.defined()) std::copy_n(G.data(), K * V, g.ds0.data_ptr<T>() + bh * K * V);
