@@ -70,6 +70,20 @@ struct Tile {
   const T* row(int64_t r) const { return p + r * ld; }
 };
 
+// dst[r, x] = src(t0 + r, x) as T ([rows, cols], row-major).
+template <typename T, typename In>
+void load_rows(T* dst, const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* row = src.p + (t0 + r) * src.st;
+    T* out = dst + r * cols;
+    if (src.sx == 1) {
+      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x]);
+    } else {
+      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x * src.sx]);
+    }
+  }
+}
+
 // The tile of rows t0.. of `src`: read in place when the input is already T with unit
 // inner stride and non-overlapping rows (what GEMM can read), else converted into `buf`.
 // (The per-element work of this kernel is as costly as its products: copies count.)
@@ -78,16 +92,26 @@ Tile<T> tile(const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols, T* bu
   if constexpr (std::is_same_v<T, In>) {
     if (src.sx == 1 && (rows == 1 || src.st >= cols)) return {src.p + t0 * src.st, rows == 1 ? cols : src.st};
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const In* row = src.p + (t0 + r) * src.st;
-    T* out = buf + r * cols;
-    if (src.sx == 1) {
-      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x]);
-    } else {
-      for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<T>(row[x * src.sx]);
-    }
-  }
+  load_rows(buf, src, t0, rows, cols);
   return {buf, cols};
+}
+
+// Asks for rows t0.. of `src` to be brought into cache while this chunk computes: the
+// backward sweep walks the sequence from its end, which the hardware prefetchers follow
+// poorly (each chunk is a jump back), and the kernel is otherwise bound by these reads.
+template <typename In>
+void prefetch_rows(const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols) {
+  const int64_t bytes = (src.sx == 1 ? cols : (cols - 1) * src.sx + 1) * static_cast<int64_t>(sizeof(In));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(src.p + (t0 + r) * src.st);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
+}
+
+template <typename T>
+void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 // Whether every element is finite: an integer test of the exponent bits, which the
@@ -191,15 +215,23 @@ void backward_kernel(const Args& g) {
   // float32 (float64) gradients are computed in place in the outputs; others via tiles.
   constexpr bool direct_out = std::is_same_v<T, In>;
 
+  // The products that share an output are stacked along their inner dimension, one
+  // call each (fewer, larger calls: brgemm's per-call cost and the output's loads and
+  // stores are paid once):
+  //   dq = [s e^L dO | dA] x [S^T ; K]     dk = [e^(L_end - L) V | dA^T] x [G^T ; Q]
+  //   dv = [e^(L_end - L) K | A^T] x [G ; dO]
+  // so the operands live in stacked buffers: slot n of `state` is [S^T of chunk n (V rows);
+  // chunk n's K (C rows)], rk = [G^T ; Q], rv = [G ; dO], and lq, lk, lv the left sides.
+  const int64_t slot = (V + C) * K;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // St[n]: the state entering chunk n, transposed ([V, K]); sf: the final state (also [V, K]).
     // (Not zero-filled: every element is written before it is read.)
-    std::unique_ptr<T[]> St(new T[n_chunks * V * K]);
-    std::vector<T> sf(V * K), q_buf(C * K), k_buf(C * K), v_buf(C * V), do_buf(C * V);
-    std::vector<T> q_t(K * C), v_t(V * C), do_t(V * C), do_s(C * V), k_s(C * K);
-    std::vector<T> at(C * C), dat(C * C), da_m(C * C), D(C * C);  // (j, i) layouts; da_m is (i, j)
-    std::vector<T> G(K * V), Gt(V * K), dq_buf(C * K), dk_buf(C * K), dv_buf(C * V), table(C);
+    std::unique_ptr<T[]> state(new T[n_chunks * slot]);
+    std::vector<char> finite_k(n_chunks);
+    std::vector<T> sf(V * K), v_buf(C * V), q_t(K * C), v_t(V * C), do_t(V * C), k_s(C * K);
+    std::vector<T> lq(C * (V + C)), lk(C * (V + C)), lv(C * (K + C)), rk((V + C) * K), rv((K + C) * V);
+    std::vector<T> D(C * C), dq_buf(C * K), dk_buf(C * K), dv_buf(C * V), table(C);
     std::vector<double> L(C), e_out(C);
+    T* G = rv.data();  // the carried gradient of the state, [K, V], on top of rv
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const auto Qs = slice<In>(g.q, b, h), Ks = slice<In>(g.k, b, h), Vs = slice<In>(g.v, b, h);
@@ -209,33 +241,40 @@ void backward_kernel(const Args& g) {
       // s * e^(ah d) for d = i - j: D of every chunk for per-head (or no) decay.
       for (int64_t d = 0; d < C; ++d) table[d] = static_cast<T>(s * std::exp(ah * d));
 
-      // ---- sweep 1, forward in time: the state entering each chunk.
+      // ---- sweep 1, forward in time: the state entering each chunk, and the chunk's K.
       const bool has_s0 = g.s0.defined();
       if (has_s0) {
-        transpose(St.get(), K, g.s0.data_ptr<T>() + bh * K * V, V, K, V);
+        transpose(state.get(), K, g.s0.data_ptr<T>() + bh * K * V, V, K, V);
       } else {
-        std::fill_n(St.get(), V * K, T(0));
+        std::fill_n(state.get(), V * K, T(0));  // dq's state term is then 0 in chunk 0
       }
       // The final state is needed only for the log decay's <grad_state, S_{T-1}> term.
       const bool need_sf = g.da.defined() && g.d_sf.defined();
-      for (int64_t n = 0; n < n_chunks - (need_sf ? 0 : 1); ++n) {
+      for (int64_t n = 0; n < n_chunks; ++n) {
         const int64_t start = n * C, c = std::min(C, T_len - start);
+        T* kk = state.get() + n * slot + V * K;
+        load_rows(kk, Ks, start, c, K);
+        finite_k[n] = all_finite(Tile<T>{kk, K}, c, K);
+        if (n == n_chunks - 1 && !need_sf) break;
         chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
         const double L_end = L[c - 1];
-        const auto k = tile(Ks, start, c, K, k_buf.data());
         const auto v = tile(Vs, start, c, V, v_buf.data());
+        if (n + 1 < n_chunks) {
+          const int64_t c_next = std::min(C, T_len - start - C);
+          prefetch_rows(Ks, start + C, c_next, K);
+          prefetch_rows(Vs, start + C, c_next, V);
+        }
         transpose(v_t.data(), c, v.p, v.ld, c, V);
         for (int64_t j = 0; j < c; ++j) {
           const T e = static_cast<T>(std::exp(L_end - L[j]));
-          const T* kj = k.row(j);
-          for (int64_t x = 0; x < K; ++x) k_s[j * K + x] = kj[x] * e;
+          for (int64_t x = 0; x < K; ++x) k_s[j * K + x] = kk[j * K + x] * e;
         }
         // S_next^T = e^L_end S^T + V^T (e^(L_end - L) K)
-        T* next = n + 1 < n_chunks ? St.get() + (n + 1) * V * K : sf.data();
+        T* next = n + 1 < n_chunks ? state.get() + (n + 1) * slot : sf.data();
         const bool carry = has_s0 || n > 0;
         if (carry) {
           const T e = static_cast<T>(std::exp(L_end));
-          const T* cur = St.get() + n * V * K;
+          const T* cur = state.get() + n * slot;
           for (int64_t x = 0; x < V * K; ++x) next[x] = cur[x] * e;
         }
         mm<T>(V, K, c, v_t.data(), c, k_s.data(), K, next, K, carry);
@@ -250,37 +289,53 @@ void backward_kernel(const Args& g) {
 
       // ---- sweep 2, backward in time, carrying G = dLoss / d(the state leaving the chunk).
       bool has_g = g.d_sf.defined();
-      if (has_g) std::copy_n(g.d_sf.data_ptr<T>() + bh * K * V, K * V, G.data());
+      if (has_g) std::copy_n(g.d_sf.data_ptr<T>() + bh * K * V, K * V, G);
+      else std::fill_n(G, K * V, T(0));
       double da_carry = 0, da_sum = 0;  // sum_{i >= t} dLoss/dL_i; its sum over t (per-head)
       for (int64_t n = n_chunks - 1; n >= 0; --n) {
         const int64_t start = n * C, c = std::min(C, T_len - start);
+        const int64_t ldq = V + c, ldk = V + c, ldv = K + c;  // lq, lk, lv row strides
         chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
         const double L_end = L[c - 1];
         for (int64_t i = 0; i < c; ++i) e_out[i] = std::exp(L_end - L[i]);  // from i to the chunk's end
         // Causal decay, transposed: D[j, i] = s e^(L_i - L_j) for i >= j.
         if (a && !per_head) {
           for (int64_t j = 0; j < c; ++j) {
-            for (int64_t i = j; i < c; ++i) D[j * c + i] = static_cast<T>(s * std::exp(L[i] - L[j]));
+            for (int64_t i = j; i < c; ++i) D[j * c + i] = static_cast<T>(s) * std::exp(static_cast<T>(L[i] - L[j]));
           }
         }
-        const auto q = tile(Qs, start, c, K, q_buf.data());
-        const auto k = tile(Ks, start, c, K, k_buf.data());
+        const T* S_t = state.get() + n * slot;  // [S^T ; K]
+        const T* kk = S_t + V * K;
+        T* q = rk.data() + V * K;  // under G^T
+        T* dO = rv.data() + K * V;  // under G
+        load_rows(q, Qs, start, c, K);
+        load_rows(dO, dOs, start, c, V);
         const auto v = tile(Vs, start, c, V, v_buf.data());
-        const auto dO = tile(dOs, start, c, V, do_buf.data());
-        transpose(q_t.data(), c, q.p, q.ld, c, K);
-        transpose(do_t.data(), c, dO.p, dO.ld, c, V);
-        for (int64_t i = 0; i < c; ++i) {
-          const T e = static_cast<T>(s * std::exp(L[i]));  // from the entering state to i
-          const T* row = dO.row(i);
-          for (int64_t y = 0; y < V; ++y) do_s[i * V + y] = row[y] * e;
+        if (n > 0) {  // the previous chunk, next in this sweep
+          prefetch_rows(Qs, start - C, C, K);
+          prefetch_rows(dOs, start - C, C, V);
+          prefetch_rows(Vs, start - C, C, V);
+          prefetch(state.get() + (n - 1) * slot, slot);
         }
-        // at[j, i] = s e^(L_i - L_j) k_j.q_i, dat[j, i] = s e^(L_i - L_j) v_j.dO_i for i >= j;
-        // entries i < j are set to 0 (masked, never multiplied: they may hold NaN).
-        mm<T>(c, c, K, k.p, k.ld, q_t.data(), c, at.data(), c, false);
-        mm<T>(c, c, V, v.p, v.ld, do_t.data(), c, dat.data(), c, false);
+        transpose(q_t.data(), c, q, K, c, K);
+        transpose(do_t.data(), c, dO, V, c, V);
+        for (int64_t i = 0; i < c; ++i) {
+          const T eq = static_cast<T>(s * std::exp(L[i]));  // from the entering state to i
+          const T eo = static_cast<T>(e_out[i]);
+          for (int64_t y = 0; y < V; ++y) lq[i * ldq + y] = dO[i * V + y] * eq;
+          for (int64_t y = 0; y < V; ++y) lk[i * ldk + y] = v.row(i)[y] * eo;
+          for (int64_t x = 0; x < K; ++x) lv[i * ldv + x] = kk[i * K + x] * eo;
+        }
+        // A^T[j, i] = s e^(L_i - L_j) k_j.q_i, dA^T[j, i] = s e^(L_i - L_j) v_j.dO_i for i >= j,
+        // in place in lv and lk; entries i < j are set to 0 (masked, never multiplied:
+        // they may hold NaN).
+        T* at = lv.data() + K;
+        T* dat = lk.data() + V;
+        mm<T>(c, c, K, kk, K, q_t.data(), c, at, ldv, false);
+        mm<T>(c, c, V, v.p, v.ld, do_t.data(), c, dat, ldk, false);
         for (int64_t j = 0; j < c; ++j) {
-          T* arow = at.data() + j * c;
-          T* drow = dat.data() + j * c;
+          T* arow = at + j * ldv;
+          T* drow = dat + j * ldk;
           std::fill_n(arow, j, T(0));
           std::fill_n(drow, j, T(0));
           const T* w = (a && !per_head) ? D.data() + j * c : table.data() - j;  // w[i] for i >= j
@@ -289,54 +344,44 @@ void backward_kernel(const Args& g) {
             drow[i] *= w[i];
           }
         }
-        transpose(da_m.data(), c, dat.data(), c, c, c);  // da_m[i, j], zero for j > i
+        transpose(lq.data() + V, ldq, dat, ldk, c, c);  // dA[i, j], zero for j > i
+        transpose(rk.data(), K, G, V, K, V);           // G^T
 
         T* dq = direct_out ? reinterpret_cast<T*>(g.dq.data_ptr<In>()) + (bh * T_len + start) * K : dq_buf.data();
         T* dk = direct_out ? reinterpret_cast<T*>(g.dk.data_ptr<In>()) + (bh * T_len + start) * K : dk_buf.data();
         T* dv = direct_out ? reinterpret_cast<T*>(g.dv.data_ptr<In>()) + (bh * T_len + start) * V : dv_buf.data();
-        // The products below contract over time inside the chunk against a triangular
+        // The dA / A parts contract over time inside the chunk against a triangular
         // matrix. A dense product would give 0 * NaN = NaN in a row for a non-finite
         // input at a position that row does not depend on (a later k for dq, an earlier
         // q or dO for dk, dv); a chunk holding one takes the exactly causal row-by-row
         // product (as the forward does for v).
-        // dq = (s e^L dO) S^T + dA K   (the state term is 0 in chunk 0 without initial state)
-        if (has_s0 || n > 0) mm<T>(c, K, V, do_s.data(), V, St.get() + n * V * K, K, dq, K, false);
-        else std::fill_n(dq, c * K, T(0));
-        if (all_finite(k, c, K)) {
-          mm<T>(c, K, c, da_m.data(), c, k.p, k.ld, dq, K, true);
+        if (finite_k[n]) {
+          mm<T>(c, K, V + c, lq.data(), ldq, S_t, K, dq, K, false);
         } else {
-          for (int64_t i = 0; i < c; ++i) mm<T>(1, K, i + 1, da_m.data() + i * c, c, k.p, k.ld, dq + i * K, K, true);
+          for (int64_t i = 0; i < c; ++i) mm<T>(1, K, V + i + 1, lq.data() + i * ldq, ldq, S_t, K, dq + i * K, K, false);
         }
-        // dk = e^(L_end - L) V G^T + dA Q,  dv = e^(L_end - L) K G + A dO
-        if (has_g) {
-          transpose(Gt.data(), K, G.data(), V, K, V);
-          mm<T>(c, K, V, v.p, v.ld, Gt.data(), K, dk, K, false);
-          mm<T>(c, V, K, k.p, k.ld, G.data(), V, dv, V, false);
+        if (all_finite(Tile<T>{q, K}, c, K)) {
+          mm<T>(c, K, V + c, lk.data(), ldk, rk.data(), K, dk, K, false);
+        } else {
           for (int64_t j = 0; j < c; ++j) {
-            const T e = static_cast<T>(e_out[j]);
-            for (int64_t x = 0; x < K; ++x) dk[j * K + x] *= e;
-            for (int64_t y = 0; y < V; ++y) dv[j * V + y] *= e;
+            mm<T>(1, K, V, lk.data() + j * ldk, ldk, rk.data(), K, dk + j * K, K, false);
+            mm<T>(1, K, c - j, dat + j * ldk + j, ldk, q + j * K, K, dk + j * K, K, true);
           }
-        } else {
-          std::fill_n(dk, c * K, T(0));
-          std::fill_n(dv, c * V, T(0));
         }
-        if (all_finite(q, c, K)) {
-          mm<T>(c, K, c, dat.data(), c, q.p, q.ld, dk, K, true);
+        if (all_finite(Tile<T>{dO, V}, c, V)) {
+          mm<T>(c, V, K + c, lv.data(), ldv, rv.data(), V, dv, V, false);
         } else {
-          for (int64_t j = 0; j < c; ++j) mm<T>(1, K, c - j, dat.data() + j * c + j, c, q.row(j), q.ld, dk + j * K, K, true);
-        }
-        if (all_finite(dO, c, V)) {
-          mm<T>(c, V, c, at.data(), c, dO.p, dO.ld, dv, V, true);
-        } else {
-          for (int64_t j = 0; j < c; ++j) mm<T>(1, V, c - j, at.data() + j * c + j, c, dO.row(j), dO.ld, dv + j * V, V, true);
+          for (int64_t j = 0; j < c; ++j) {
+            mm<T>(1, V, K, lv.data() + j * ldv, ldv, rv.data(), V, dv + j * V, V, false);
+            mm<T>(1, V, c - j, at + j * ldv + j, ldv, dO + j * V, V, dv + j * V, V, true);
+          }
         }
         // G <- e^L_end G + Q^T (s e^L dO): the gradient of the state entering this chunk.
         if (has_g) {
           const T e = static_cast<T>(std::exp(L_end));
           for (int64_t x = 0; x < K * V; ++x) G[x] *= e;
         }
-        mm<T>(K, V, c, q_t.data(), c, do_s.data(), V, G.data(), V, has_g);
+        mm<T>(K, V, c, q_t.data(), c, lq.data(), ldq, G, V, has_g);
         has_g = true;
 
         // d a_t = sum_{i >= t} (q_i.dq_i - k_i.dk_i), plus <grad_state, S_{T-1}> for i = T-1;
@@ -344,7 +389,7 @@ void backward_kernel(const Args& g) {
         if (g.da.defined()) {
           T* da_out = per_head ? nullptr : g.da.data_ptr<T>() + bh * T_len + start;
           for (int64_t i = c - 1; i >= 0; --i) {
-            double dl = dot_diff(q.row(i), dq + i * K, k.row(i), dk + i * K, K);
+            double dl = dot_diff(q + i * K, dq + i * K, kk + i * K, dk + i * K, K);
             if (start + i == T_len - 1) dl += sf_dot;
             da_carry += dl;
             if (per_head) da_sum += da_carry;
@@ -358,7 +403,7 @@ void backward_kernel(const Args& g) {
         }
       }
       if (per_head && g.da.defined()) g.da.data_ptr<T>()[bh] = static_cast<T>(da_sum);
-      if (g.ds0.defined()) std::copy_n(G.data(), K * V, g.ds0.data_ptr<T>() + bh * K * V);
+      if (g.ds0.defined()) std::copy_n(G, K * V, g.ds0.data_ptr<T>() + bh * K * V);
     }
     cpu::release_thread_gemm();
   });
