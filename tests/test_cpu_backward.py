@@ -279,3 +279,22 @@ def test_bad_arguments():
         BWD(torch.randn(1, 2, 8, 5), torch.randn(1, 2, 5, 4), q, k, v, None, 1.0, None)
     with pytest.raises(ValueError, match=r"log_decay must have shape"):
         BWD(torch.randn(1, 2, 8, 5), None, q, k, v, torch.zeros(3), 1.0, None)
+
+
+def test_compiled_training_step(monkeypatch):
+    """torch.compile traces the fused backward (its fake kernel) into the backward graph."""
+    calls = []
+    real = op_module._fused_cpu_backward
+    monkeypatch.setattr(op_module, "_fused_cpu_backward", lambda *a: calls.append(real(*a)) or calls[-1])
+    q, k, v, a, s0 = make_inputs(B=1, H=2, T=40, K=4, V=6, decay="position", state=True, requires_grad=True)
+
+    def f(q, k, v, a, s0):
+        o, sf = decay_attn(q, k, v, a, initial_state=s0, output_final_state=True)
+        return o.square().sum() + sf.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(q, k, v, a, s0), [q, k, v, a, s0])
+    assert calls and all(calls)
+    ref = torch.autograd.grad(f(q, k, v, a, s0), [q, k, v, a, s0])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)

@@ -9,18 +9,22 @@
 // used before this kernel, kept so that both agree edge case for edge case).
 //
 // Two sweeps over the sequence in chunks of C, as the forward:
-//   1. forward in time: the state entering every chunk (one K x V matrix per chunk,
-//      memory (T / C) K V per thread, linear in T; the chunk's K^T V product);
+//   1. forward in time: the state entering every chunk, kept (transposed) with the
+//      chunk's K, (T / C) (V + C) K values per thread: linear in T, no T x T buffer;
+//      one K^T V product per chunk;
 //   2. backward in time, carrying G: per chunk the scores A = s (K Q^T) * D and
 //      dA = s (V dO^T) * D (D the causal decay, kept transposed: row j, column i >= j)
-//      give, with the states, all gradients in eight small products:
+//      give, with the states, every gradient:
 //        dq = (s e^L dO) S^T + dA^T K           dk = e^(L_end - L) V G^T + dA Q
 //        dv = e^(L_end - L) K G + A dO           G <- e^L_end G + Q^T (s e^L dO)
-// That is the forward's products twice (the lower bound for a backward) plus the
-// recomputed Q K^T and K^T V: about 2.5x the forward's FLOPs at K = V = 2C.
+//      (each gradient one product over a stacked inner dimension; see backward_kernel).
+// FLOPs: the forward's products twice (the lower bound for a backward) plus the
+// recomputed K Q^T and K^T V, 2.5x the forward's at K = V = 64, C = 32. In practice this
+// kernel is bound as much by reading its inputs and writing three gradients as by its
+// products (benchmarks/bench_backward_cpu.py).
 // Inputs of any dtype and strides are read a chunk tile at a time into float32 (float64
-// for float64) tiles, so half inputs need no full-tensor float32 copies. No T x T
-// buffer, no flipped copies.
+// for float64) tiles, in place where they already are float32 rows, so half inputs need
+// no full-tensor float32 copies; no flipped copies.
 #include "../decay_attn.h"
 #include "small_gemm.h"
 
