@@ -7,7 +7,9 @@ csrc/cpu/chunked_cpu_backward.cpp, and the previous backward of three decay_attn
 
 The variants of one shape are interleaved: every round times each once (the mean of
 --number calls), so a change in machine load hits all of them alike; the table gives
-medians over the rounds and the 1-minute load average before and after. Columns:
+medians over the rounds and the 1-minute load average before and after. --clock cpu
+times CPU seconds (all threads) instead of wall seconds: on a shared machine it does
+not count the time a thread waits for a core. Columns:
 fwd (no_grad forward), fwd+bwd (forward with autograd, then backward of a random
 grad_o, fused kernel), and the same with the previous backward (three decay_attn calls
 with flips), each with its ratio to fwd. FLOP counts are those of the chunked
@@ -67,11 +69,11 @@ def variants(B, H, T, K, V, decay, dtype, seed=0):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "fwd+bwd previous": fwd_bwd_previous}
 
 
-def time_block(fn, number):
-    t0 = time.perf_counter()
+def time_block(fn, number, clock=time.perf_counter):
+    t0 = clock()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - t0) / number
+    return (clock() - t0) / number
 
 
 def main(argv=None):
@@ -86,6 +88,9 @@ def main(argv=None):
     p.add_argument("--number", type=int, default=3, help="calls per timed block")
     p.add_argument("--decays", nargs="+", default=["head", "position"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: process_time, the CPU time of all threads (steadier on a "
+                        "loaded machine: time spent waiting for a core is not counted)")
     p.add_argument("--no-previous", action="store_true", help="skip the previous backward (slow)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/backward_cpu.json")
     args = p.parse_args(argv)
@@ -93,6 +98,7 @@ def main(argv=None):
     import leet_compile  # noqa: F401  (registers the operator)
 
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     B, H, T, K, V = args.B, args.H, args.T, args.K, args.V
     f_fwd, f_bwd = flops(B, H, T, K, V)
     load_before = os.getloadavg()[0]
@@ -108,7 +114,7 @@ def main(argv=None):
             samples = {name: [] for name in fns}
             for _ in range(args.rounds):
                 for name, fn in fns.items():
-                    samples[name].append(time_block(fn, args.number))
+                    samples[name].append(time_block(fn, args.number, clock))
             med = {name: statistics.median(s) for name, s in samples.items()}
             bwd = med["fwd+bwd"] - med["fwd"]
             row = [dtype_name, decay, f"{med['fwd'] * 1e3:.2f}", f"{med['fwd+bwd'] * 1e3:.2f}",
@@ -123,7 +129,7 @@ def main(argv=None):
             print(" | ".join(row), flush=True)
     load_after = os.getloadavg()[0]
     print()
-    print(f"B={B} H={H} T={T} K={K} V={V}, {args.threads} threads, medians of {args.rounds} interleaved "
+    print(f"B={B} H={H} T={T} K={K} V={V}, {args.threads} threads, {args.clock} clock, medians of {args.rounds} interleaved "
           f"rounds of {args.number} calls; load average (1 min) {load_before:.2f} before, {load_after:.2f} after")
     print(f"FLOPs: forward {f_fwd / 1e9:.3f} G, fused backward {f_bwd / 1e9:.3f} G ({f_bwd / f_fwd:.2f}x)")
     harness.print_table(["dtype", "decay", "fwd ms", "fwd+bwd ms", "ratio", "bwd GFLOP/s",
@@ -136,7 +142,7 @@ def main(argv=None):
         out = os.path.join(harness.RESULTS, "backward_cpu.json")
         with open(out, "w") as f:
             json.dump(dict(environment=env, command=" ".join(["python"] + sys.argv), shape=dict(B=B, H=H, T=T, K=K, V=V),
-                           threads=args.threads, rounds=args.rounds, number=args.number, results=records), f, indent=1)
+                           threads=args.threads, clock=args.clock, rounds=args.rounds, number=args.number, results=records), f, indent=1)
         print(f"wrote {out}")
 
 
