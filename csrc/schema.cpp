@@ -23,6 +23,14 @@ TORCH_LIBRARY(leet, m) {
   m.def(
       "_decay_attn_triton(Tensor q, Tensor k, Tensor v, Tensor? log_decay, float scale, "
       "Tensor? initial_state, bool output_final_state, str method) -> (Tensor, Tensor)");
+  // The fused backward of the CPU chunked kernel (csrc/cpu/chunked_cpu_backward.cpp),
+  // which ops/decay_attn.py's autograd calls for calls the fused forward served.
+  // grad_state: the gradient of the final state (None: zero). Returns (dq, dk, dv,
+  // d log_decay, d initial_state), the last two empty tensors when log_decay /
+  // initial_state are None; d log_decay has log_decay's shape ([H]: summed over b, t).
+  m.def(
+      "_decay_attn_backward(Tensor grad_o, Tensor? grad_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor? log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One decoding step: state = exp(log_decay) * state + k^T v; o = scale * q state.
   m.def(
       "decay_attn_step(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor state, "

@@ -105,10 +105,34 @@ def _backend_for(q, k, v, method, backend):
     return backend
 
 
+@torch.library.register_fake("leet::_decay_attn_backward")
+def _decay_attn_backward_fake(grad_o, grad_state, q, k, v, log_decay, scale, initial_state):
+    check_inputs(q, k, v, log_decay, initial_state, "chunked", "cpu")
+    d_ld = q.new_empty(0) if log_decay is None else log_decay.new_empty(log_decay.shape)
+    d_s0 = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_ld, d_s0
+
+
+def _fused_cpu_backward(q, method, backend):
+    """Whether the backward runs on the fused CPU kernel (leet::_decay_attn_backward,
+    csrc/cpu/chunked_cpu_backward.cpp): for calls the fused forward served (CPU tensors,
+    backend auto/cpu, method auto/chunked), when the backward need not be differentiable
+    itself (that kernel has no autograd: create_graph=True and torch.func transforms take
+    the decay_attn formulas below, which are)."""
+    return (q.device.type == "cpu" and backend in ("auto", "cpu") and method in ("auto", "chunked")
+            and not torch.is_grad_enabled() and not private.functorch_transforms_active())
+
+
 def _backward(ctx, grad_o, grad_state):
     q, k, v, log_decay, s0, final_state = ctx.saved_tensors
     scale, method, backend = ctx.scale, ctx.method, ctx.backend
     B, H, T, _ = q.shape
+    if _fused_cpu_backward(q, method, backend):
+        d_sf = grad_state if ctx.output_final_state else None
+        dq, dk, dv, grad_ld, grad_s0 = torch.ops.leet._decay_attn_backward(
+            grad_o, d_sf, q, k, v, log_decay, scale, s0)
+        grad_ld = grad_ld if log_decay is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, grad_ld, None, (grad_s0 if s0 is not None else None), None, None, None
     if T == 0:  # nothing flowed through the sequence; the initial state passes straight through
         grad_s0 = None
         if s0 is not None:
