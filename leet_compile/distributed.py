@@ -226,8 +226,8 @@ _REGISTERED = False
 
 
 def register_dtensor_sharding():
-    """Registers DTensor sharding rules for ``leet::decay_attn`` and ``leet::decay_attn_varlen``
-    (idempotent; call once before passing DTensors). Accepted placements, per mesh dim:
+    """Registers DTensor sharding rules for ``leet::decay_attn``, its fused CPU backward
+    and ``leet::decay_attn_varlen`` (idempotent; call once before passing DTensors). Accepted placements, per mesh dim:
 
     * batch: q, k, v ``Shard(0)``; log_decay ``[B, H, T]`` ``Shard(0)``, ``[H]`` ``Replicate()``;
       initial_state ``Shard(0)``; o and the final state ``Shard(0)``;
@@ -273,6 +273,29 @@ def register_dtensor_sharding():
         for dim in (0, 1, None):
             p_out = Replicate() if dim is None else Shard(dim)
             rules.append(([p_out, p_out if final else Replicate()], placements(args, dim, (0, 1, 2, 5))))
+        return rules
+
+    @register_sharding(torch.ops.leet._decay_attn_backward.default)
+    def _backward_sharding(grad_o, grad_state, q, k, v, log_decay, scale, initial_state):
+        """The fused CPU backward, on the forward's placements: (dq, dk, dv, d log_decay,
+        d initial_state).  A per-head log decay's gradient is summed over the batch, so
+        with the batch sharded each rank holds a partial sum."""
+        from torch.distributed.tensor import Partial
+
+        rules = []
+        for dim in (0, 1, None):
+            shard = Replicate() if dim is None else Shard(dim)
+            if log_decay is None:
+                p_ld, out_ld = None, Replicate()
+            elif len(log_decay.shape) == 1:
+                p_ld = Shard(0) if dim == 1 else Replicate()
+                out_ld = Shard(0) if dim == 1 else (Partial() if dim == 0 else Replicate())
+            else:
+                p_ld = out_ld = shard
+            ins = [shard, None if grad_state is None else shard, shard, shard, shard, p_ld, None,
+                   None if initial_state is None else shard]
+            outs = [shard, shard, shard, out_ld, shard if initial_state is not None else Replicate()]
+            rules.append((outs, ins))
         return rules
 
     @register_sharding(torch.ops.leet.decay_attn_varlen.default)
