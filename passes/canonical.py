@@ -89,6 +89,12 @@ def _exp_form(t, lo, hi, u_out, diag_only=False):
         if not (t.x > 0 and math.isfinite(t.x)):
             raise Unproven(f"the mask has the value {t.x} below the diagonal")
         return t.x, 0, 0, {}
+    if isinstance(t, T.Row):  # a row factor, no decay: m_i * exp(0)
+        if not t.lo > 0:
+            raise Unproven("the mask is a row sum that may be <= 0 below the diagonal")
+        if t.rel > WEIGHT_TOL_ULPS * max(u_out, FLOAT32_ROUNDOFF):
+            raise Unproven("eager rounds the row-normalised weights more than the output's precision")
+        return t.r, 0, 0, {}
     if not isinstance(t, T.Exp):
         raise Unproven(f"the mask is {T.kind(t)} below the diagonal, not a decay")
     if T.may_overflow(t, lo, hi):
