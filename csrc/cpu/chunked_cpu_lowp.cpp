@@ -34,7 +34,6 @@ namespace {
 using at::Tensor;
 using cpu::even;
 using cpu::mm_vnni;
-using cpu::pack_vnni;
 using cpu::vnni_size;
 
 // Same chunk length and underflow rule as the float32 kernel (chunked_cpu.cpp).
@@ -68,8 +67,8 @@ bool lowp_cpu_ok() {
 }
 
 // The hot conversions and packings below work on the 16-bit patterns (uint16_t /
-// uint32_t pairs), which the compiler vectorizes; the generic pack_vnni (small_gemm.h)
-// does the same job with a per-element callback and is used where speed matters less.
+// uint32_t pairs), which the compiler vectorizes; they produce the layout of the generic
+// pack_vnni (small_gemm.h), whose per-element callback does not vectorize.
 template <typename T>
 inline const uint16_t* bits_of(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
 template <typename T>
@@ -107,21 +106,51 @@ LEET_AVX512 void pack_rows(const T* src, int64_t ld, int64_t k, int64_t n, T* ds
   }
 }
 
-// pack_vnni of a row-major float32 [k, n] matrix (the state), rounded to bf16 / fp16.
+// pack_vnni of a row-major float32 [k, n] matrix (the state), rounded to bf16 / fp16,
+// and in the same pass src *= g (the state's decay over the chunk, applied after it is
+// read for Q S).
 template <typename T>
-LEET_AVX512 void pack_rows_rounded(const float* src, int64_t k, int64_t n, T* dst) {
+LEET_AVX512 void pack_rows_rounded_then_scale(float* src, int64_t k, int64_t n, T* dst, float g) {
   const int64_t ke = even(k);
   for (int64_t p0 = 0; p0 < n; p0 += cpu::kVnniPanel) {
     const int64_t w = std::min(cpu::kVnniPanel, n - p0), ldb = (w + 15) / 16 * 16;
     for (int64_t r = 0; r < k; r += 2) {
-      T* out = dst + ke * p0 + r * ldb;
-      const float* lo = src + r * n + p0;
-      const float* hi = lo + n;
-      const bool pair = r + 1 < k;
-      for (int64_t j = 0; j < w; ++j) {
-        out[2 * j] = to_lowp<T>(lo[j]);
-        out[2 * j + 1] = pair ? to_lowp<T>(hi[j]) : T(0);
+      uint32_t* out = reinterpret_cast<uint32_t*>(dst + ke * p0 + r * ldb);
+      float* lo = src + r * n + p0;
+      if (r + 1 < k) {
+        float* hi = lo + n;
+        for (int64_t j = 0; j < w; ++j) {
+          out[j] = to_lowp<T>(lo[j]).x | (static_cast<uint32_t>(to_lowp<T>(hi[j]).x) << 16);
+          lo[j] *= g;
+          hi[j] *= g;
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j) {
+          out[j] = to_lowp<T>(lo[j]).x;
+          lo[j] *= g;
+        }
       }
+    }
+  }
+}
+
+// pack_vnni of K^T for a row-major [c, K] block of keys (row stride ld): the pair
+// (x, x + 1) of column j is one 32-bit word of key row j, so the packing is a transpose
+// of 32-bit words.
+template <typename T>
+LEET_AVX512 void pack_transposed(const T* src, int64_t ld, int64_t c, int64_t K, T* dst) {
+  const int64_t ldb = (c + 15) / 16 * 16;  // c <= 32: one panel
+  for (int64_t x = 0; x < K; x += 2) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst + x * ldb);
+    const uint16_t* col = bits_of(src) + x;
+    if (x + 1 < K) {
+      for (int64_t j = 0; j < c; ++j) {
+        uint32_t word;
+        std::memcpy(&word, col + j * ld, sizeof(word));
+        out[j] = word;
+      }
+    } else {
+      for (int64_t j = 0; j < c; ++j) out[j] = col[j * ld];  // odd K: a zero padding row
     }
   }
 }
@@ -224,7 +253,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
       lda = Ke;
     }
     // attn = Q K^T (float32), then scale * D and the causal mask, rounded for the product.
-    pack_vnni(K, c, k_p, [&](int64_t x, int64_t j) { return Kc[j * ldk + x]; });
+    pack_transposed(Kc, ldk, c, K, k_p);
     mm_vnni<T>(c, c, K, Qa, lda, k_p, attn, c, false);
     for (int64_t i = 0; i < c; ++i) {
       float* row = attn + i * c;
@@ -259,7 +288,8 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     // O += scale * exp(L_i) q_i S (the state entering the chunk), the factor applied to
     // the float32 product rather than rounded into q.
     if (has_state) {
-      pack_rows_rounded(S, K, V, s_p);
+      // (S is scaled by exp(L_end) for the update below in the same pass)
+      pack_rows_rounded_then_scale(S, K, V, s_p, static_cast<float>(std::exp(L_end)));
       mm_vnni<T>(c, V, K, Qa, lda, s_p, qs, V, false);
       for (int64_t i = 0; i < c; ++i) {
         const float g = static_cast<float>(scale_d * std::exp(L[i]));
@@ -268,10 +298,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     }
     for (int64_t x = 0; x < c * V; ++x) Oc[x] = to_lowp<T>(o_acc[x]);
     // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
-    if (has_state) {
-      const float g = static_cast<float>(std::exp(L_end));
-      for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
-    }
+    // (S *= exp(L_end) happened in pack_rows_rounded_then_scale)
     for (int64_t j = 0; j < c; ++j) g_k[j] = static_cast<float>(std::exp(L_end - L[j]));
     for (int64_t x = 0; x < K; ++x) {
       T* row = k_out + x * Ce;
