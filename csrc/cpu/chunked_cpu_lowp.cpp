@@ -136,22 +136,21 @@ LEET_AVX512 void pack_rows_rounded_then_scale(float* src, int64_t k, int64_t n, 
 
 // pack_vnni of K^T for a row-major [c, K] block of keys (row stride ld): the pair
 // (x, x + 1) of column j is one 32-bit word of key row j, so the packing is a transpose
-// of 32-bit words.
+// of 32-bit words. Key rows are read in order (this is their first read, from memory:
+// sequential reads let the hardware prefetch; measured 25% of the kernel's own time
+// with the loops the other way round), the scattered writes stay in L1.
 template <typename T>
 LEET_AVX512 void pack_transposed(const T* src, int64_t ld, int64_t c, int64_t K, T* dst) {
   const int64_t ldb = (c + 15) / 16 * 16;  // c <= 32: one panel
-  for (int64_t x = 0; x < K; x += 2) {
-    uint32_t* out = reinterpret_cast<uint32_t*>(dst + x * ldb);
-    const uint16_t* col = bits_of(src) + x;
-    if (x + 1 < K) {
-      for (int64_t j = 0; j < c; ++j) {
-        uint32_t word;
-        std::memcpy(&word, col + j * ld, sizeof(word));
-        out[j] = word;
-      }
-    } else {
-      for (int64_t j = 0; j < c; ++j) out[j] = col[j * ld];  // odd K: a zero padding row
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t j = 0; j < c; ++j) {
+    const uint16_t* row = bits_of(src) + j * ld;
+    for (int64_t x = 0; x + 1 < K; x += 2) {
+      uint32_t word;
+      std::memcpy(&word, row + x, sizeof(word));
+      out[(x / 2) * ldb + j] = word;
     }
+    if (K % 2) out[(K / 2) * ldb + j] = row[K - 1];  // odd K: a zero padding row
   }
 }
 
