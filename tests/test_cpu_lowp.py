@@ -124,3 +124,11 @@ def test_paths_differ_only_by_rounding():
         amx = False
     if amx:  # torch's oneDNN has AMX kernels here: the units path ran (its rounding differs)
         assert not torch.equal(o1, o0)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own, from mkldnn.flags
+def test_mkldnn_disabled_takes_the_upcast_path():
+    """torch.backends.mkldnn off: oneDNN's kernels are off, the kernel must not call them."""
+    q, k, v, a, s0 = make_inputs(B=1, H=2, T=40, K=16, V=24, decay="head", state=True, dtype=torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check(q, k, v, a, s0, scale=0.25)

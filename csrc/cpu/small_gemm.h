@@ -162,17 +162,18 @@ inline void mm_vnni(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, co
 // products on the matrix units through mm_vnni: the symbols exist (weak), oneDNN has a
 // packed-B kernel for the type here (could_pack: AMX; without it the upcast float
 // path is faster than oneDNN's fallback), pack_vnni's layout equals torch's pack, and
-// a product comes out right. Checked once per type.
+// a product comes out right. could_pack at every call (it turns false with
+// torch.backends.mkldnn.enabled = False, and brgemm then refuses packed B), the rest once.
 template <typename T>
 inline bool lowp_usable() {
+  namespace cb = at::native::cpublas;
+  constexpr auto dt = c10::CppTypeToScalarType<T>::value;
+  if (&cb::could_pack == nullptr || !cb::could_pack(dt)) return false;
   static const bool usable = [] {
-    namespace cb = at::native::cpublas;
-    constexpr auto dt = c10::CppTypeToScalarType<T>::value;
-    if (&cb::could_pack == nullptr || &cb::pack == nullptr || &cb::brgemm_release == nullptr) return false;
+    if (&cb::pack == nullptr || &cb::brgemm_release == nullptr) return false;
     if (static_cast<void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const T*, const T*,
                              float*, bool)>(&cb::brgemm) == nullptr) return false;
     try {
-      if (!cb::could_pack(dt)) return false;
       constexpr int64_t m = 3, k = 4, n = 16;  // small exact integers: the product is exact
       T A[m * k], B[k * n], mine[k * n], theirs[k * n];
       for (int64_t i = 0; i < m * k; ++i) A[i] = T(static_cast<float>(i % 5) - 2.0f);
