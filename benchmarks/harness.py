@@ -44,11 +44,14 @@ class Case:
          by the timer), or a string: the reason this provider does not run here.
     flops: provider -> FLOPs of one call (adds a GFLOP/s column), or one number for all.
     info: extra per-x facts recorded with the results (errors, sizes).
+    peak: provider -> (name, GFLOP/s) of the rate to compare with, measured in the same
+         run (the matching dtype's GEMM): adds a "% of <name>" figure to that provider.
     """
 
     fns: dict
     flops: dict | float | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    peak: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -318,7 +321,7 @@ def print_table(headers, rows, out=sys.stdout):
 
 
 _TIMING_KEYS = {"variant", "x", "threads", "provider", "median_s", "q1_s", "q3_s", "samples", "calls_per_sample",
-                "note", "gflops_per_s"}
+                "note", "gflops_per_s", "peak", "peak_gflops_per_s", "pct_of_peak"}
 
 
 def tables(s: Suite, results, markdown=False):
@@ -376,6 +379,31 @@ def tables(s: Suite, results, markdown=False):
             if ratio_rows:
                 print(f"time / time of '{s.baseline}' (median ratio [range from the quartiles]; >1: slower)", file=buf)
                 print_table(headers, ratio_rows, out=buf)
+        peak_rows = []
+        if any(r.get("pct_of_peak") is not None for r in rs):
+            for x, th in xs:
+                row = [x] + ([th] if len(threads) > 1 else [])
+                for p in providers:
+                    r = next((r for r in rs if r["x"] == x and r["threads"] == th and r["provider"] == p), None)
+                    if r and r.get("pct_of_peak") is not None:
+                        row.append(f"{r['gflops_per_s']:.1f} ({r['pct_of_peak']:.1f}% of {r['peak']})")
+                    elif r and r.get("gflops_per_s") is not None:
+                        row.append(f"{r['gflops_per_s']:.1f}")
+                    else:
+                        row.append("–")
+                peak_rows.append(row)
+        if peak_rows:
+            note = "GFLOP/s (% of GEMM: the matching dtype's torch.mm rate, measured in this run at the same threads)"
+            if markdown:
+                print(f"\n{note}:\n", file=buf)
+                print("| " + " | ".join(map(str, headers)) + " |", file=buf)
+                print("|" + "---:|" * len(headers), file=buf)
+                for row in peak_rows:
+                    print("| " + " | ".join(map(str, row)) + " |", file=buf)
+                print("", file=buf)
+            else:
+                print(note, file=buf)
+                print_table(headers, peak_rows, out=buf)
         for r in rs:  # what the suite recorded besides times (errors, rewrite counts)
             facts = {k: v for k, v in r.items() if k not in _TIMING_KEYS}
             if facts:

@@ -178,6 +178,10 @@ def run_suite(s, args):
                     if flops:
                         r["gflops_per_s"] = flops / t.median / 1e9
                         gflops = f"  {r['gflops_per_s']:.1f} GFLOP/s"
+                        if provider in case.peak:
+                            name, rate = case.peak[provider]
+                            r.update(peak=name, peak_gflops_per_s=rate, pct_of_peak=100 * r["gflops_per_s"] / rate)
+                            gflops += f" ({r['pct_of_peak']:.1f}% of {name} {rate:.0f})"
                     print(f"{head} {harness.fmt_time(t.median, s.unit):>8} {s.unit}  IQR {harness.fmt_time(t.iqr, s.unit)}"
                           f"  (n={t.n}x{t.number}, {threads} thr){gflops}", flush=True)
                 del case

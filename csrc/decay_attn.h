@@ -61,4 +61,11 @@ std::tuple<at::Tensor, at::Tensor> decay_attn_chunked_cpu(
     const std::optional<at::Tensor>& log_decay, double scale,
     const std::optional<at::Tensor>& initial_state, bool output_final_state);
 
+// The same kernel for bf16 / fp16 q, k, v on the CPU's matrix units (csrc/cpu/chunked_cpu_lowp.cpp);
+// nullopt where that path does not apply (then decay_attn_chunked_cpu computes on float32 copies).
+std::optional<std::tuple<at::Tensor, at::Tensor>> decay_attn_chunked_cpu_lowp(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state, bool output_final_state);
+
 }  // namespace leet

@@ -1,8 +1,42 @@
-"""cpu: the fused CPU kernel against the baselines users have (fp32, per-head decay)."""
+"""cpu: the fused CPU kernel against the baselines users have (fp32 and bf16, per-head decay),
+and its rate against the machine's GEMM rate for the same dtype, measured in the same run."""
+import contextlib
+import os
+
 import torch
 
 import leet_compile
-from harness import Case, rel_err, suite
+from harness import Case, measure, rel_err, suite
+
+# GFLOP/s of torch.mm N x N x N per (dtype, N, threads), measured once per run.
+_GEMM_RATES = {}
+
+
+def gemm_rate(dtype, N):
+    """The machine's matrix rate for dtype at the current thread count (torch.mm, median)."""
+    threads = torch.get_num_threads()
+    key = (dtype, N, threads)
+    if key not in _GEMM_RATES:
+        a, b = torch.randn(N, N).to(dtype), torch.randn(N, N).to(dtype)
+        fast = N <= 256  # smoke sizes: a check, not a measurement
+        t = measure(lambda: torch.mm(a, b), threads=threads, min_time=0.0 if fast else 0.5,
+                    max_time=0.05 if fast else 5.0, min_samples=1 if fast else 5)
+        _GEMM_RATES[key] = 2 * N**3 / t.median / 1e9
+    return _GEMM_RATES[key]
+
+
+@contextlib.contextmanager
+def cpu_bf16_units(on):
+    """LEET_CPU_BF16=0 while off: the fused kernel's bf16 inputs take the upcast float32 path."""
+    old = os.environ.get("LEET_CPU_BF16")
+    os.environ["LEET_CPU_BF16"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LEET_CPU_BF16"]
+        else:
+            os.environ["LEET_CPU_BF16"] = old
 
 
 def naive(q, k, v, log_decay):
@@ -40,27 +74,62 @@ def chunked_flops(B, H, T, K, V, C=32):
     return B * H * (2 * T * C * (K + V) + 4 * T * K * V)
 
 
+def fwd_bwd(q, k, v, log_decay):
+    """Forward and backward of leet_compile.decay_attn (gradients of q, k, v)."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    leet_compile.decay_attn(q, k, v, log_decay).sum().backward()
+
+
+def upcast(fn):
+    """fn with the fused kernel's bf16 units off (timed together: the env switch costs ~1 us)."""
+    def run():
+        with cpu_bf16_units(False):
+            return fn()
+    return run
+
+
 @suite("cpu", x_name="T", x_vals=[1024, 4096, 8192], smoke_x_vals=[64, 300],
-       params=dict(B=1, H=8, D=64, naive_max_T=8192), baseline="leet decay_attn")
-def cpu_fast_path(T, B, H, D, naive_max_T):
-    """leet_compile.decay_attn (fused C++ chunked kernel) vs LeetDecoding's lightningAttention2 algorithm, a plain-torch chunk loop and the naive form; B=1 H=8 K=V=64 fp32, per-head decay"""
+       params=dict(B=1, H=8, D=64, naive_max_T=8192, gemm_N=1024, backward=True),
+       smoke_params=dict(gemm_N=128), baseline="leet decay_attn")
+def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
+    """leet_compile.decay_attn (fused C++ chunked kernel) in fp32 and bf16 vs LeetDecoding's lightningAttention2 algorithm, a plain-torch chunk loop and the naive form; B=1 H=8 K=V=64, per-head decay; GFLOP/s also as % of the same dtype's GEMM rate (torch.mm gemm_N^3, same run, same threads)"""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
     log_decay = -torch.rand(H, generator=g) * 0.1 - 0.01
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
     ref = leet_compile.decay_attn(q.double(), k.double(), v.double(), log_decay.double())
+    fwd = chunked_flops(B, H, T, D, D)
     fns = {
         "leet decay_attn": lambda: leet_compile.decay_attn(q, k, v, log_decay),
+        "leet decay_attn bf16": lambda: leet_compile.decay_attn(qb, kb, vb, log_decay),
+        "leet decay_attn bf16 (upcast)": upcast(lambda: leet_compile.decay_attn(qb, kb, vb, log_decay)),
         "leetdecoding-la2 (256)": lambda: block_loop(q, k, v, log_decay, 256),
         "torch chunk loop (64)": lambda: block_loop(q, k, v, log_decay, 64),
         "naive": (lambda: naive(q, k, v, log_decay)) if T <= naive_max_T
         else f"T x T float32 masks above T={naive_max_T}",
     }
-    info = {"leet decay_attn": {"rel_err_vs_fp64": rel_err(leet_compile.decay_attn(q, k, v, log_decay), ref)}}
-    return Case(fns, flops={"leet decay_attn": chunked_flops(B, H, T, D, D)}, info=info)
+    # Forward + backward: FLOPs counted as 3x the forward's (the backward's products are twice
+    # the forward's), an estimate for the % column, not a count of the backward kernel.
+    if backward:
+        fns["leet fwd+bwd"] = lambda: fwd_bwd(q, k, v, log_decay)
+        fns["leet fwd+bwd bf16"] = lambda: fwd_bwd(qb, kb, vb, log_decay)
+    flops = {p: fwd for p in fns if p.startswith("leet decay_attn")}
+    flops.update({p: 3 * fwd for p in fns if p.startswith("leet fwd+bwd")})
+    fp32, bf16 = gemm_rate(torch.float32, gemm_N), gemm_rate(torch.bfloat16, gemm_N)
+    peak = {p: ("bf16 GEMM", bf16) if "bf16" in p else ("fp32 GEMM", fp32) for p in flops}
+    with cpu_bf16_units(False):
+        o_upcast = leet_compile.decay_attn(qb, kb, vb, log_decay)
+    info = {"leet decay_attn": {"rel_err_vs_fp64": rel_err(leet_compile.decay_attn(q, k, v, log_decay), ref)},
+            "leet decay_attn bf16": {"rel_err_vs_fp64": rel_err(leet_compile.decay_attn(qb, kb, vb, log_decay), ref)},
+            "leet decay_attn bf16 (upcast)": {"rel_err_vs_fp64": rel_err(o_upcast, ref)}}
+    for p, (name, rate) in peak.items():
+        info.setdefault(p, {}).update(gemm=name, gemm_gflops_per_s=rate)
+    return Case(fns, flops=flops, info=info, peak=peak)
 
 
 @suite("gemm", x_name="N", x_vals=[1024], smoke_x_vals=[128])
 def gemm(N):
-    """fp32 GEMM N x N x N (torch.mm): the machine's matrix rate, the yardstick for GFLOP/s figures"""
+    """fp32 and bf16 GEMM N x N x N (torch.mm): the machine's matrix rates, the yardsticks for GFLOP/s figures"""
     a, b = torch.randn(N, N), torch.randn(N, N)
-    return Case({"torch.mm": lambda: torch.mm(a, b)}, flops=2 * N**3)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    return Case({"torch.mm": lambda: torch.mm(a, b), "torch.mm bf16": lambda: torch.mm(ab, bb)}, flops=2 * N**3)

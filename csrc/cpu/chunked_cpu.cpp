@@ -156,6 +156,10 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const std::optional<Tensor>& log_decay, double scale,
     const std::optional<Tensor>& initial_state, bool output_final_state) {
+  // bf16 / fp16 inputs on the matrix units where this machine has them (chunked_cpu_lowp.cpp).
+  if (auto lowp = decay_attn_chunked_cpu_lowp(q_in, k_in, v_in, log_decay, scale, initial_state, output_final_state)) {
+    return *lowp;
+  }
   const auto dt = compute_dtype(q_in, k_in, v_in);
   auto q = gemm_ready(q_in, dt), k = gemm_ready(k_in, dt), v = gemm_ready(v_in, dt);
   Tensor a = log_decay.has_value() ? log_decay->to(at::kDouble).contiguous() : Tensor();
