@@ -30,8 +30,11 @@ class Builder:
         self.split = names == ("bh",) and interp.h_split is not None
         if names == ("bh",) and not self.split:
             self.batch = ["b", "bh"]  # B' = 1, H' = B*H
+        elif len(names) > 2:
+            self.batch = list(names)  # b, b1, ..., h: merged into B' = b * b1 * ... at the call
         else:
             self.batch = ["b", "h"]
+        self.extra = self.batch[1:-1]  # batch roles between b and h
         # (node, roles) pairs where sizes can be read
         self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
         self.emitted = []
@@ -88,7 +91,11 @@ class Builder:
     # -- layout
     def materialize(self, x, roles, want):
         """x with dims in the order of ``want`` (missing roles as size-1 dims)."""
-        roles = list(roles)
+        from .interpreter import Sel
+
+        for d in reversed([d for d, r in enumerate(roles) if isinstance(r, Sel)]):
+            x = self.emit(aten.select.int, x, d, roles[d].index)  # the index the proof read
+        roles = [r for r in roles if not isinstance(r, Sel)]
         if "bh" in roles and "b" in want and "h" in want:
             d = roles.index("bh")
             sizes = [self.size(x, k) if k != d else -1 for k in range(len(roles))]
@@ -277,16 +284,17 @@ def _operator_call(b, match):
         scale = 1.0
 
     # log_decay: [H] for a per-head constant, [B, H, T] for per-position decays
-    has_b = any("b" in roles for n, roles in T.recipe_nodes(decay.coef)) and bw[0] == "b"
+    has_b = any(r in bw[:-1] for n, roles in T.recipe_nodes(decay.coef) for r in roles) and bw[0] == "b"
     ld = None
     if decay.cums or has_b:
-        t_len = b.size(qn, 2)
+        td = len(bw)  # the t dim of q and of the decay data
+        t_len = b.size(qn, td)
         parts = []
         for (node, roles, det), w in decay.cums.items():
             a = b.materialize(node, roles, bw + ["t"])
-            if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
+            if not is_one(shape(a)[td]) and not same(shape(a)[td], val(qn).shape[td]):
                 # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
-                a = b.emit(aten.slice.Tensor, a, 2, 0, t_len)
+                a = b.emit(aten.slice.Tensor, a, td, 0, t_len)
             if det:
                 a = b.emit(aten.detach.default, a)
             if not (T.is_number(w) and w == 1):
@@ -300,23 +308,30 @@ def _operator_call(b, match):
         for p in parts[1:]:
             ld = b.emit(aten.add.Tensor, ld, p)
         if isinstance(ld, float):
-            ld = b.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
-        ld = b.emit(aten.expand.default, ld, [b.size_of(bw[0]), b.size_of(bw[1]), t_len])
+            ld = b.emit(aten.full.default, [1] * (len(bw) + 1), ld, dtype=cdt)
+        ld = b.emit(aten.expand.default, ld, [b.size_of(r) for r in bw] + [t_len])
         ld = b.as_float(ld, cdt)
+        if b.extra:
+            ld = b.emit(aten.flatten.using_ints, ld, 0, len(b.extra))
     elif not (T.is_number(decay.coef) and decay.coef == 0):
-        H = b.size_of(bw[1])
-        c = b.coef(decay.coef, bw[1:])
+        H = b.size_of(bw[-1])
+        c = b.coef(decay.coef, bw[-1:])
         if isinstance(c, float):
             ld = b.emit(aten.full.default, [H], c, dtype=cdt)
         else:
             ld = b.as_float(b.emit(aten.expand.default, c, [H]), cdt)
 
+    if b.extra:  # B' = b * b1 * ...: a view where the strides allow (flatten copies otherwise)
+        qn, kn, vn = (b.emit(aten.flatten.using_ints, x, 0, len(b.extra)) for x in (qn, kn, vn))
     op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
     o = b.emit(operator.getitem, op, 0)
 
     # back to the layout and dtype of the original output (size-1 batch dims unsqueezed)
     names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
-    if names == ("b", "h"):
+    if b.extra:
+        o = b.emit(aten.unflatten.int, o, 0, [b.size_of(r) for r in bw[:-1]])
+        dims = bw + ["i", "e"]
+    elif names == ("b", "h"):
         dims = ["b", "h", "i", "e"]
     elif names == ("bh",):
         o = b.emit(aten.flatten.using_ints, o, 0, 1) if b.split else b.emit(aten.squeeze.dims, o, [0])
