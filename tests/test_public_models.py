@@ -43,8 +43,6 @@ KNOWN_MISSES = {
     "torchscale_retention_pypi": "inf times a value of unknown sign",
     "torchscale_mask_only": "inf times a value of unknown sign",
     "torchscale_msr_layer": "inf times a value of unknown sign",
-    "fla_simple_gla_chunk": "aten.select.int gives a value that depends on both i and j (data-dependent mask)",
-    "mamba2_ssd_minimal": "(not reported: the four-operand einsum is not seen as a contraction)",
     "torchscale_msr_pypi": "inf times a value of unknown sign",
     "torchscale_decoder_pypi": "inf times a value of unknown sign",
 }
