@@ -231,10 +231,10 @@ def _check_no_input_mutation(node_set, what):
                 raise ValueError(f"guard: {what} node {n.name} mutates {base.name}, an input of the branch")
 
 
-def _prepare_branch(branch, fake_mode, wrap, stack_trace):
+def _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=False):
     """Makes the branches agree where torch.cond needs it: the operands flagged in
     ``wrap`` (differentiable ones, training only) go through _contiguous_grad, the
-    output is made contiguous."""
+    output is made contiguous (and 1-D with ``flat``)."""
     g = branch.graph
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     if any(wrap):
@@ -257,8 +257,83 @@ def _prepare_branch(branch, fake_mode, wrap, stack_trace):
         c.meta["stack_trace"] = stack_trace
         _propagate(branch, c, fake_mode)
         out_node.args = ((c,),)
+        res = c
+    if flat:
+        with g.inserting_before(out_node):
+            c = g.call_function(aten.reshape.default, (res, [-1]))
+        c.meta["stack_trace"] = stack_trace
+        _propagate(branch, c, fake_mode)
+        out_node.args = ((c,),)
     g.lint()
     branch.recompile()
+
+
+def _needs_flat(t):
+    """Whether t's contiguous strides hold a Max(1, size) (a size the shape environment
+    does not simplify as >= 1, such as T // 8): torch.cond cannot merge them."""
+    from torch._prims_common import make_contiguous_strides_for
+    from torch.utils._sympy.functions import Max
+
+    return t.dim() > 1 and any(isinstance(s, torch.SymInt) and s.node.expr.has(Max)
+                               for s in make_contiguous_strides_for(t.shape))
+
+
+def _flat_sizes(t, graph, add):
+    """t's sizes as ints and nodes computing them from the graph's placeholders (their
+    SymInt values and tensor sizes), or None where a size is not such an expression."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    symbols = {}  # sympy symbol -> a SymInt placeholder, or (tensor placeholder, dim)
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = _val(n)
+        if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+            symbols.setdefault(v.node.expr, n)
+        elif isinstance(v, torch.Tensor):
+            for d, z in enumerate(v.shape):
+                if isinstance(z, torch.SymInt) and isinstance(z.node.expr, sympy.Symbol):
+                    symbols.setdefault(z.node.expr, (n, d))
+
+    def build(e):
+        if e.is_Integer:
+            return int(e)
+        if e.is_Symbol:
+            x = symbols.get(e)
+            if x is None:
+                raise KeyError(e)
+            if isinstance(x, tuple):
+                x = add(aten.sym_size.int, x[0], x[1])
+                x.meta["val"] = _val(x.args[0]).shape[x.args[1]]
+            return x
+        ops = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}
+        op = next((f for cls, f in ops.items() if isinstance(e, cls)), None)
+        if op is None:
+            raise KeyError(e)
+        args = [build(a) for a in e.args]
+        acc = args[0]
+        for y in args[1:]:
+            if isinstance(acc, int) and isinstance(y, int):
+                acc = op(acc, y)
+                continue
+            node = add(op, acc, y)
+            node.meta["val"] = op(_val(acc), _val(y))
+            acc = node
+        return acc
+
+    made = []
+
+    def add(target, *args, _add=add):
+        made.append(_add(target, *args))
+        return made[-1]
+
+    try:
+        return [s if isinstance(s, int) else build(s.node.expr) for s in t.shape]
+    except KeyError:  # the nodes made so far are unused: gone again
+        for n in reversed(made):
+            graph.erase_node(n)
+        return None
 
 
 def _same_shape(a, b):
@@ -344,6 +419,13 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     memo = {}
     needs_grad = _requires_grad(anchor, memo)
     wrap = [needs_grad and isinstance(_val(x), torch.Tensor) and _requires_grad(x, memo) for x in operands]
+    if needs_grad and any(isinstance(_val(x), torch.Tensor) and _needs_flat(_val(x)) for x in fast | slow):
+        from .errors import Unproven
+
+        # the backward branches return gradients with such sizes, contiguous: strides that
+        # torch.cond cannot merge (the forward's 1-D trick below does not reach them)
+        raise Unproven("a run-time check (torch.cond) in a training graph with sizes such as T // L "
+                       "(dynamic shapes): torch.cond's backward cannot merge their strides")
     i = _unique_index(gm)
     names = (f"leet_fast_{i}", f"leet_slow_{i}")
     new = []
@@ -355,10 +437,14 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
         new.append(n)
         return n
 
+    # torch.cond cannot merge the strides of a contiguous output whose strides hold Max(1,
+    # size): such an output leaves the branches 1-D and is viewed back to its shape here,
+    # its sizes computed from the placeholders' sizes
+    sizes = _flat_sizes(a_val, graph, add) if _needs_flat(a_val) else None
     branches = (outline(gm, fast_nodes + pulled, fast_out, operands),
                 outline(gm, slow_nodes + pulled, anchor, operands))
     for branch in branches:
-        _prepare_branch(branch, fake_mode, wrap, stack_trace)
+        _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=sizes is not None)
 
     pred = preconditions[0]
     for p in preconditions[1:]:
@@ -374,12 +460,15 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
         with torch.no_grad():  # fake-run the forward only; grad-mode cond would trace joint graphs
             _propagate(gm, c, fake_mode)
     except Exception:  # cond could not be fake-run (a pred from a symbolic float): its output is anchor's
+        shp = (a_val.numel(),) if sizes is not None else a_val.shape
         with fake_mode:
-            c.meta["val"] = (torch.empty_strided(a_val.shape, _contiguous_strides(a_val.shape), dtype=a_val.dtype,
+            c.meta["val"] = (torch.empty_strided(shp, _contiguous_strides(shp), dtype=a_val.dtype,
                                                  device=a_val.device),)
     if needs_grad:
         c.meta["val"] = tuple(t.requires_grad_(True) for t in c.meta["val"])
     r = _propagate(gm, add(operator.getitem, c, 0), fake_mode)
+    if sizes is not None:
+        r = _propagate(gm, add(aten.view.default, r, sizes), fake_mode)
     anchor.replace_all_uses_with(r, delete_user_cb=lambda u: u not in new)
     for n in sorted(fast, key=order.__getitem__, reverse=True):
         graph.erase_node(n)

@@ -6,6 +6,7 @@ arguments' values; the node's dtype is then applied (arith.in_dtype).  The
 interpreter records the scores contraction it meets (``scores``), the size of h when a
 view splits a merged B*H dim (``h_split``), the nodes it evaluated (``nodes``) and those
 it took as they are (``opaque``: graph values, per-position data)."""
+import dataclasses
 import operator
 
 import torch
@@ -17,6 +18,16 @@ from .errors import Unproven
 from .graph import CONTRACTIONS, aten, packet, shape, val
 
 POS = ("i", "j")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sel:
+    """The role of a dim of which one index is read (``x.select(dim, index)``, e.g. fla's
+    per-chunk ``L_mask[:, :, i]``): a batch dim fixed at ``index``.  No rule gives a value
+    that varies along it (arange, cumsum and tril refuse it), so a value along a Sel dim is
+    read where it is: the rewrite selects the same index of the tensors it reads."""
+
+    index: int
 
 
 class MaskInterpreter:

@@ -28,15 +28,24 @@ class Match:
     length_checks: list  # (SymInt size, cap): sizes the rewritten graph asserts
 
 
+#: most batch dims (not of size 1) a site may have: b, the extra ones, h
+MAX_BATCH_DIMS = 5
+
+
 def _batch_names(sizes):
     """Roles of an output's batch dims: None for a size-1 dim; the others are b, h (or
-    one merged bh); None overall when more than two dims are not of size 1."""
+    one merged bh), and with three or more, b, b1, b2, ..., h: the extra dims (Mamba2's
+    chunks) are batch dims of their own, which the rewrite merges into the operator's B
+    (every value the proof reads keeps them as dims of their own, so a decay that
+    depends on one is read per element of it).  None overall for more than
+    MAX_BATCH_DIMS."""
     from .graph import is_one
 
     big = [k for k, s in enumerate(sizes) if not is_one(s)]
-    names = {0: (), 1: ("bh",), 2: ("b", "h")}.get(len(big))
-    if names is None:
+    if len(big) > MAX_BATCH_DIMS:
         return None
+    names = {0: (), 1: ("bh",), 2: ("b", "h")}.get(len(big)) or \
+        ("b",) + tuple(f"b{k}" for k in range(1, len(big) - 1)) + ("h",)
     roles = [None] * len(sizes)
     for k, name in zip(big, names):
         roles[k] = name

@@ -31,8 +31,11 @@ class Builder:
         self.split = names == ("bh",) and interp.h_split is not None
         if names == ("bh",) and not self.split:
             self.batch = ["b", "bh"]  # B' = 1, H' = B*H
+        elif len(names) > 2:
+            self.batch = list(names)  # b, b1, ..., h: merged into B' = b * b1 * ... at the call
         else:
             self.batch = ["b", "h"]
+        self.extra = self.batch[1:-1]  # batch roles between b and h
         # (node, roles) pairs where sizes can be read
         self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
         self.emitted = []
@@ -90,7 +93,11 @@ class Builder:
     # -- layout
     def materialize(self, x, roles, want):
         """x with dims in the order of ``want`` (missing roles as size-1 dims)."""
-        roles = list(roles)
+        from .interpreter import Sel
+
+        for d in reversed([d for d, r in enumerate(roles) if isinstance(r, Sel)]):
+            x = self.emit(aten.select.int, x, d, roles[d].index)  # the index the proof read
+        roles = [r for r in roles if not isinstance(r, Sel)]
         if "bh" in roles and "b" in want and "h" in want:
             d = roles.index("bh")
             sizes = [self.size(x, k) if k != d else -1 for k in range(len(roles))]
@@ -174,20 +181,26 @@ class Builder:
             f = self.emit(aten.unsqueeze.default, self.emit(aten.unsqueeze.default, self.coef(m, self.batch), -1), -1)
         return self.emit(aten.mul.Tensor, qn, f), 1.0
 
+    def flat(self, x):
+        """An operand laid out as batch + [t, ...] with the extra batch dims (b, b1, ...)
+        merged into the operator's B' = b * b1 * ... (a view where the strides allow)."""
+        return self.emit(aten.flatten.using_ints, x, 0, len(self.extra)) if self.extra else x
+
     def log_decay(self, decay, qn):
-        """log_decay for ``decay``: [H] for a per-head constant, [B, H, T] for per-position
-        decays, None for none."""
+        """log_decay for ``decay`` (q laid out as batch + [t, d]): [H] for a per-head
+        constant, [B', H, T] for per-position decays, None for none."""
         bw = self.batch
         cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
-        has_b = any("b" in roles for n, roles in T.recipe_nodes(decay.coef)) and bw[0] == "b"
+        has_b = any(r in bw[:-1] for n, roles in T.recipe_nodes(decay.coef) for r in roles) and bw[0] == "b"
         if decay.cums or has_b:
-            t_len = self.size(qn, 2)
+            td = len(bw)  # the t dim of q and of the decay data
+            t_len = self.size(qn, td)
             parts = []
             for (node, roles, det), w in decay.cums.items():
                 a = self.materialize(node, roles, bw + ["t"])
-                if not is_one(shape(a)[2]) and not same(shape(a)[2], val(qn).shape[2]):
+                if not is_one(shape(a)[td]) and not same(shape(a)[td], val(qn).shape[td]):
                     # cumsum(a)[..., :T] (a prefix slice after the cumsum) reads a[..., :T]
-                    a = self.emit(aten.slice.Tensor, a, 2, 0, t_len)
+                    a = self.emit(aten.slice.Tensor, a, td, 0, t_len)
                 if det:
                     a = self.emit(aten.detach.default, a)
                 if not (T.is_number(w) and w == 1):
@@ -201,13 +214,13 @@ class Builder:
             for p in parts[1:]:
                 ld = self.emit(aten.add.Tensor, ld, p)
             if isinstance(ld, float):
-                ld = self.emit(aten.full.default, [1, 1, 1], ld, dtype=cdt)
-            ld = self.emit(aten.expand.default, ld, [self.size_of(bw[0]), self.size_of(bw[1]), t_len])
-            return self.as_float(ld, cdt)
+                ld = self.emit(aten.full.default, [1] * (len(bw) + 1), ld, dtype=cdt)
+            ld = self.emit(aten.expand.default, ld, [self.size_of(r) for r in bw] + [t_len])
+            return self.flat(self.as_float(ld, cdt))
         if T.is_number(decay.coef) and decay.coef == 0:
             return None
-        H = self.size_of(bw[1])
-        c = self.coef(decay.coef, bw[1:])
+        H = self.size_of(bw[-1])
+        c = self.coef(decay.coef, bw[-1:])
         if isinstance(c, float):
             return self.emit(aten.full.default, [H], c, dtype=cdt)
         return self.as_float(self.emit(aten.expand.default, c, [H]), cdt)
@@ -224,17 +237,18 @@ class Builder:
         if key in self.row_sums:  # the same sum scales the mask and the scores' row sum
             return self.row_sums[key]
         qn, kn = self.qk()
+        ones_shape = [self.size_of(r) for r in bw] + [self.size(qn, len(bw)), 1]
         if not c.scores:  # the mask alone: q = k = 1 (K = 1)
-            qn = kn = self.emit(aten.new_ones.default, qn, [self.size_of(bw[0]), self.size_of(bw[1]),
-                                                               self.size(qn, 2), 1])
+            qn = kn = self.emit(aten.new_ones.default, qn, ones_shape)
         cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
-        ones = self.emit(aten.new_ones.default, qn, [self.size_of(bw[0]), self.size_of(bw[1]),
-                                                     self.size(qn, 2), 1], dtype=cdt)
+        ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=cdt)
         qn, scale = self.scaled_q(qn, c.m)
         ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), qn)
-        op = self.emit(torch.ops.leet.decay_attn.default, qn, kn, ones, ld, float(scale), None, False,
-                       "auto", "auto")
+        op = self.emit(torch.ops.leet.decay_attn.default, self.flat(qn), self.flat(kn), self.flat(ones), ld,
+                       float(scale), None, False, "auto", "auto")
         s = self.emit(aten.squeeze.dim, self.emit(operator.getitem, op, 0), -1)
+        if self.extra:
+            s = self.emit(aten.unflatten.int, s, 0, [self.size_of(r) for r in bw[:-1]])
         self.row_sums[key] = self.materialize(s, bw + ["t"], want)
         return self.row_sums[key]
 
@@ -367,12 +381,16 @@ def _operator_call(b, match):
     vn = b.layout(match.v, match.v_roles)
     qn, scale = b.scaled_q(qn, match.decay.m)
     ld = b.log_decay(match.decay, qn)
+    qn, kn, vn = (b.flat(x) for x in (qn, kn, vn))
     op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
     o = b.emit(operator.getitem, op, 0)
 
     # back to the layout and dtype of the original output (size-1 batch dims unsqueezed)
     names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
-    if names == ("b", "h"):
+    if b.extra:
+        o = b.emit(aten.unflatten.int, o, 0, [b.size_of(r) for r in b.batch[:-1]])
+        dims = b.batch + ["i", "e"]
+    elif names == ("b", "h"):
         dims = ["b", "h", "i", "e"]
     elif names == ("bh",):
         o = b.emit(aten.flatten.using_ints, o, 0, 1) if b.split else b.emit(aten.squeeze.dims, o, [0])

@@ -529,10 +529,37 @@ def _slice(it, n, roles):
     raise Unproven("a slice that shifts positions")
 
 
+@rule(aten.select, rounds=False)
+def _select(it, n, roles):
+    """x.select(dim, index): x with that dim fixed at index (a Sel role)."""
+    from .interpreter import Sel
+
+    x, dim, index = n.args[0], n.args[1], n.args[2]
+    shp = shape(x)
+    dim %= len(shp)
+    if not isinstance(index, int):
+        raise Unproven("a select at a symbolic index")
+    if index < 0:
+        if not isinstance(shp[dim], int):
+            raise Unproven("a select at a negative index of a symbolic size")
+        index += shp[dim]
+    return it.ev(x, tuple(roles[:dim]) + (Sel(index),) + tuple(roles[dim:]))
+
+
 @rule(aten.view, aten.reshape, aten._unsafe_view, rounds=False)
 def _view(it, n, roles):
     x = n.args[0]
-    return it.ev(x, _view_in_roles(it, shape(x), shape(n), roles))
+    h_split = it.h_split
+    try:
+        in_roles = _view_in_roles(it, shape(x), shape(n), roles)
+    except Unproven:
+        if sum(r in POS for r in roles) != 1:
+            raise
+        # a value at one position (T split into chunks and positions in a chunk): the
+        # view's own elements, read as data where they are (leaf), as eager computed them
+        it.h_split = h_split
+        return it.leaf(n, roles)
+    return it.ev(x, in_roles)
 
 
 def _view_in_roles(it, in_shape, out_shape, out_roles):

@@ -158,3 +158,104 @@ def test_symbolic_length_is_asserted():
     torch.compile(fn, backend=capture, dynamic=True)(q, k, v)
     code = graphs[0].print_readable(print_output=False)  # the op may sit in a guarded branch
     assert "leet.decay_attn" in code and "_assert_scalar" in code and str(2 ** 24) in code
+
+
+# ---------------------------------------------------------------- several batch dims, per-chunk selects (issue 10)
+
+
+def _segsum(x):  # Mamba2's stable segment sum over the last dim: [..., L] -> [..., L, L]
+    L = x.size(-1)
+    x = x[..., None].expand(*x.shape, L)
+    x = x.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(-1), 0)
+    return x.cumsum(-2).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), -torch.inf)
+
+
+def ssd_chunks(q, k, v, L=4):  # ssd_minimal's diagonal blocks: batch dims b, c (chunks), h
+    B, H, T, D = q.shape
+    a = -torch.nn.functional.softplus(k.sum(-1))  # [B, H, T]: negative log decays
+    C, Bm, X = (x.transpose(1, 2).reshape(B, T // L, L, H, D) for x in (q, k, v))  # b c l h d
+    A = a.reshape(B, H, T // L, L)  # b h c l: T split into chunks (a view of per-position data)
+    Y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, Bm, torch.exp(_segsum(A)), X)
+    return Y.reshape(B, T, H, D).transpose(1, 2)
+
+
+def chunked_heads(q, k, v, L=4):  # a 5-D product [B, C, H, L, D] with a per-head mask: [H] decay
+    B, H, T, D = q.shape
+    qc, kc, vc = (x.reshape(B, H, T // L, L, D).transpose(1, 2) for x in (q, k, v))
+    i, j = _pos(L)
+    g = (1 - 2.0 ** (-2 - torch.arange(H, dtype=q.dtype)))[:, None, None]
+    M = torch.where(i >= j, g ** (i - j).clamp(min=0).to(q.dtype), 0.0)  # [H, L, L]
+    return (((qc @ kc.transpose(-1, -2)) * M) @ vc).transpose(1, 2).reshape(B, H, T, D)
+
+
+def per_chunk_gamma(q, k, v, L=4):  # a decay that depends on the chunk (a graph value per chunk)
+    B, H, T, D = q.shape
+    qc, kc, vc = (x.reshape(B, H, T // L, L, D).transpose(1, 2) for x in (q, k, v))  # b c h l d
+    gamma = torch.sigmoid(q.mean((0, 1, 3)).reshape(T // L, L).mean(-1))  # [C], in (0, 1)
+    i, j = _pos(L)
+    M = torch.where(i >= j, gamma[:, None, None, None] ** (i - j).clamp(min=0).to(q.dtype), 0.0)  # [C, 1, L, L]
+    return (((qc @ kc.transpose(-1, -2)) * M) @ vc).transpose(1, 2).reshape(B, H, T, D)
+
+
+def chunk_selects(q, k, v, BT=4):  # fla naive_chunk_simple_gla: L_mask for all chunks, selected per chunk
+    B, H, T, D = q.shape
+    g = torch.nn.functional.logsigmoid(k.mean(-1) + 1.0) / 4  # [B, H, T], negative
+    qc, kc, vc = (x.reshape(B, H, T // BT, BT, D) for x in (q, k, v))
+    decay = g.reshape(B, H, T // BT, BT).cumsum(-1)
+    L_mask = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).tril().exp().tril()
+    o = torch.zeros_like(vc)
+    for n in range(T // BT):
+        attn = qc[:, :, n] @ kc[:, :, n].transpose(-1, -2) * L_mask[:, :, n]
+        o[:, :, n] = attn @ vc[:, :, n]
+    return o.reshape(B, H, T, D)
+
+
+CHUNKED = [(ssd_chunks, 1), (chunked_heads, 1), (per_chunk_gamma, 1), (chunk_selects, 3)]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("fn,sites", CHUNKED, ids=[f.__name__ for f, _ in CHUNKED])
+def test_chunked_spelling_is_rewritten_and_matches_eager(fn, sites, dynamic):
+    """Extra batch dims (Mamba2's chunks) merged into the operator's B, and per-chunk
+    selects of a mask built for all chunks (fla): rewritten and equal to eager; static:
+    gradients too; dynamic: inference at two lengths (one graph)."""
+    if fn is chunk_selects and dynamic:
+        pytest.skip("the chunk loop unrolls over T: each length is its own graph")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 4, generator=g, dtype=torch.float64, requires_grad=not dynamic)
+               for _ in range(3))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend="leet", dynamic=dynamic)
+    with torch.set_grad_enabled(not dynamic):
+        out = compiled(q, k, v)
+        want = fn(q, k, v)
+    assert counters["leet"]["decay_attn_rewrites"] == sites, str(leet_compile.explain(fn, q, k, v))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    if dynamic:  # the same graph at another length
+        q2, k2, v2 = (torch.randn(2, 3, 20, 4, generator=g, dtype=torch.float64) for _ in range(3))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(q2, k2, v2), fn(q2, k2, v2), rtol=1e-10, atol=1e-10)
+        return
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_chunked_guarded_site_in_dynamic_training_is_left_alone():
+    """A guarded rewrite (run-time sign check, torch.cond) in a training graph whose sizes
+    are T // L expressions: torch.cond's backward cannot merge the strides of such
+    gradients, so the site is left alone with that reason (and the result is eager's)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(ssd_chunks, backend="leet", dynamic=True)(q, k, v)
+    assert counters["leet"]["decay_attn_rewrites"] == 0
+    want = ssd_chunks(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(got, torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

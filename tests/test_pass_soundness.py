@@ -585,3 +585,152 @@ def test_no_false_rewrite_torch_compile(case_id):
         ref = torch.compile(model, backend="inductor", fullgraph=True)(q, k, v)
     why = compare(out, ref, _rtol(case_id, dtype))
     assert why is None, f"{rewrites} rewrites: {why}"
+
+
+# ---------------------------------------------------------------- issue 10: several batch dims and per-chunk selects
+#
+# Mamba2's ssd_minimal batches the diagonal blocks over (b, c, h): the chunk dim c is merged
+# into the operator's B, and the decay must depend on exactly the dims the proof says.
+# fla's naive_chunk_simple_gla builds L_mask for all chunks and selects chunk n: a select on
+# a dim that is neither position is that chunk's mask; on a position dim it is no mask.
+# Each case: left alone (expected 0), or rewritten (expected n) and equal to eager.
+
+CL = 4  # the chunk length; the cases run at T = 16 (C = CL = 4 chunks: sizes alone tell no dim apart)
+
+
+def _segsum(x):
+    n = x.size(-1)
+    x = x[..., None].expand(*x.shape, n).masked_fill(~causal(n).tril(-1), 0)
+    return x.cumsum(-2).masked_fill(~causal(n), -INF)
+
+
+def _chunks(q, k, v):
+    B, H, T, D = q.shape
+    return [x.transpose(1, 2).reshape(B, T // CL, CL, H, D) for x in (q, k, v)]  # b c l h d
+
+
+def _log_gates(k):  # [B, H, C, CL], negative
+    B, H, T, _ = k.shape
+    return -torch.nn.functional.softplus(k.sum(-1)).reshape(B, H, T // CL, CL)
+
+
+def _ssd(q, k, v, A, mask_letters="bhcls"):
+    B, H, T, D = q.shape
+    C, Bm, X = _chunks(q, k, v)
+    Y = torch.einsum(f"bclhn,bcshn,{mask_letters},bcshp->bclhp", C, Bm, torch.exp(_segsum(A)), X)
+    return Y.reshape(B, T, H, D).transpose(1, 2)
+
+
+def n10_ssd_chunks(q, k, v):  # the reference form: rewritten
+    return _ssd(q, k, v, _log_gates(k))
+
+
+def n10_ssd_mask_chunk_and_query_swapped(q, k, v):  # L read as [b, h, l, c, s]: its "chunk" dim is i
+    return _ssd(q, k, v, _log_gates(k), "bhlcs")
+
+
+def n10_ssd_decay_of_flipped_chunks(q, k, v):  # chunk c decays with chunk C-1-c's gates: read as they are
+    return _ssd(q, k, v, _log_gates(k).flip(2))
+
+
+def n10_ssd_decay_from_two_chunks(q, k, v):  # exp(Acum[c, l] - Acum[c - 1, s]): no segment sum
+    B, H, T, D = q.shape
+    Ac = _log_gates(k).cumsum(-1)
+    E = (Ac[..., :, None] - Ac.roll(1, 2)[..., None, :]).masked_fill(~causal(CL), -INF)
+    C, Bm, X = _chunks(q, k, v)
+    Y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, Bm, torch.exp(E), X)
+    return Y.reshape(B, T, H, D).transpose(1, 2)
+
+
+def n10_chunk_index_as_position(q, k, v):  # gamma ** (c * CL + l - s): the chunk index in the exponent
+    B, H, T, D = q.shape
+    qc, kc, vc = (x.reshape(B, H, T // CL, CL, D).transpose(1, 2) for x in (q, k, v))  # b c h l d
+    c = torch.arange(T // CL)[:, None, None, None]
+    i, j = ij(torch.arange(CL))
+    M = torch.where(i >= j, 0.9 ** (c * CL + i - j).clamp(min=0).double(), 0.0)
+    return (((qc @ kc.transpose(-1, -2)) * M) @ vc).transpose(1, 2).reshape(B, H, T, D)
+
+
+def n10_global_mask_split_into_chunks(q, k, v):  # a [T, T] mask's diagonal blocks (a view mixing i with c)
+    B, H, T, D = q.shape
+    i, j = ij(torch.arange(T))
+    M = torch.where(i >= j, 0.9 ** (i - j).clamp(min=0).double(), 0.0).reshape(T // CL, CL, T // CL, CL)
+    M = torch.diagonal(M, dim1=0, dim2=2).permute(2, 0, 1)[:, None]  # [C, 1, CL, CL]
+    qc, kc, vc = (x.reshape(B, H, T // CL, CL, D).transpose(1, 2) for x in (q, k, v))
+    return (((qc @ kc.transpose(-1, -2)) * M) @ vc).transpose(1, 2).reshape(B, H, T, D)
+
+
+def _decay(T, H):
+    i, j = ij(torch.arange(T))
+    g = (1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64)))[:, None, None]
+    return torch.where(i >= j, g ** (i - j).clamp(min=0).double(), 0.0)  # [H, T, T]
+
+
+def n10_select_query_row(q, k, v):  # row 3 of the mask for every query: a select on the i dim
+    row = _decay(q.shape[2], q.shape[1]).select(1, 3)  # [H, T]
+    return (S(q, k) * row[:, None, :]) @ v
+
+
+def n10_select_key_column(q, k, v):  # column 0 for every key: a select on the j dim
+    col = _decay(q.shape[2], q.shape[1]).select(2, 0)  # [H, T]
+    return (S(q, k) * col[:, :, None]) @ v
+
+
+def _chunk_select(q, k, v, index):
+    B, H, T, D = q.shape
+    N = T // CL
+    qc, kc, vc = (x.reshape(B, H, N, CL, D) for x in (q, k, v))
+    decay = (torch.nn.functional.logsigmoid(k.mean(-1) + 1.0) / 4).reshape(B, H, N, CL).cumsum(-1)
+    L_mask = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).tril().exp().tril()
+    o = torch.zeros_like(vc)
+    for n in range(N):
+        attn = qc[:, :, n] @ kc[:, :, n].transpose(-1, -2) * index(L_mask, n, N)
+        o[:, :, n] = attn @ vc[:, :, n]
+    return o.reshape(B, H, T, D)
+
+
+def n10_select_chunk(q, k, v):  # fla's form: chunk n's mask for chunk n
+    return _chunk_select(q, k, v, lambda L, n, N: L[:, :, n])
+
+
+def n10_select_next_chunk(q, k, v):  # chunk n + 1's mask for chunk n: its decay is read there
+    return _chunk_select(q, k, v, lambda L, n, N: L[:, :, (n + 1) % N])
+
+
+def n10_select_negative_index(q, k, v):
+    return _chunk_select(q, k, v, lambda L, n, N: L[:, :, n - N])
+
+
+def n10_select_after_shifting_slice(q, k, v):  # L[:, :, 1:][:, :, n] is chunk n + 1's
+    return _chunk_select(q, k, v, lambda L, n, N: torch.cat([L, L], 2)[:, :, 1:][:, :, n])
+
+
+def n10_select_query_position_of_chunk(q, k, v):  # L[:, :, n, 0] broadcast over i: a select on i
+    return _chunk_select(q, k, v, lambda L, n, N: L[:, :, n, 0][:, :, None, :])
+
+
+#: (id, fn, expected rewrites: None where only soundness is asserted)
+CHUNK_CASES = [
+    ("n10_ssd_chunks", n10_ssd_chunks, 1),
+    ("n10_ssd_mask_chunk_and_query_swapped", n10_ssd_mask_chunk_and_query_swapped, 0),
+    ("n10_ssd_decay_of_flipped_chunks", n10_ssd_decay_of_flipped_chunks, 1),
+    ("n10_ssd_decay_from_two_chunks", n10_ssd_decay_from_two_chunks, 0),
+    ("n10_chunk_index_as_position", n10_chunk_index_as_position, 0),
+    ("n10_global_mask_split_into_chunks", n10_global_mask_split_into_chunks, 0),
+    ("n10_select_query_row", n10_select_query_row, 0),
+    ("n10_select_key_column", n10_select_key_column, 0),
+    ("n10_select_chunk", n10_select_chunk, 4),
+    ("n10_select_next_chunk", n10_select_next_chunk, 4),
+    ("n10_select_negative_index", n10_select_negative_index, 4),
+    ("n10_select_after_shifting_slice", n10_select_after_shifting_slice, None),
+    ("n10_select_query_position_of_chunk", n10_select_query_position_of_chunk, 0),
+]
+
+
+@pytest.mark.parametrize("case_id,fn,expected", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_chunked_near_misses(case_id, fn, expected):
+    inputs = make_inputs(2, 3, 16, 4, dtype=torch.float64, seed=1)
+    res = check_fn(fn, inputs, rtol=1e-6)
+    assert res.ok, f"{res.kind}: {res.failure} (rewrites: {res.rewrites}; near misses: {res.reasons})"
+    if expected is not None:
+        assert res.rewrites == expected, (res.rewrites, res.reasons)

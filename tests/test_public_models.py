@@ -40,8 +40,6 @@ NAMES = [name for name, _, _ in FAMILIES]
 
 #: family -> explain's reason today (torch 2.13, the pass at the time of writing)
 KNOWN_MISSES = {
-    "fla_simple_gla_chunk": "aten.select.int gives a value that depends on both i and j (data-dependent mask)",
-    "mamba2_ssd_minimal": "(not reported: the four-operand einsum is not seen as a contraction)",
 }
 
 
