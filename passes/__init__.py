@@ -43,6 +43,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     writes = Writes(order)
     # n-ary einsums as chains of two-operand ones (put back where nothing is rewritten)
     splits = []
+    rewritten_nodes = set()
     for n in list(graph.nodes):
         chain = split_einsum(graph, n, fake_mode) if n.users else []
         if chain:
@@ -72,10 +73,13 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
         decay = describe(match.decay) + (f"; checked at run time: {', '.join(pre)}" if pre else "")
         report.rewritten(_origin(n, splits), decay=decay, scale=scale)
         _remove_dead(graph, match.interp.nodes | {n}, gone)
+        rewritten_nodes |= match.interp.nodes
     for n, chain in splits:
         if chain[-1].users:  # not consumed by a rewrite: the einsum as the user wrote it
             chain[-1].replace_all_uses_with(n)
         _remove_dead(graph, set(chain) | ({n} if not n.users else set()), gone)
+    if splits:  # a removed n-ary einsum was the last user of its sites' masks
+        _remove_dead(graph, rewritten_nodes, gone)
     if report.rewrites or changed or splits:
         graph.lint()
         gm.recompile()

@@ -305,7 +305,10 @@ def _original_nodes(match, fast):
             continue
         slow.add(x)
         todo.extend(x.all_input_nodes)
-    todo = [x for x in slow if x is not match.out and any(u not in slow for u in x.users)]
+    def outside(u):  # a user that stays (not a dead node, e.g. the n-ary einsum a chain replaced)
+        return u not in slow and (u.users or u.op == "output")
+
+    todo = [x for x in slow if x is not match.out and any(outside(u) for u in x.users)]
     while todo:
         x = todo.pop()
         if x not in slow:
