@@ -6,6 +6,7 @@
 // Inputs are read in place when their last dim is contiguous (permuted views of a
 // fused qkv projection included); anything else is copied once.
 #include "../backends.h"
+#include "chunk_common.h"
 #include "small_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -21,13 +22,8 @@ namespace leet {
 namespace {
 
 using at::Tensor;
+using cpu::kChunk;
 using cpu::mm;
-
-// Chunk length, by measurement at B=1 H=8 T=4096 K=V=64: 32 beat 16, 48, 64 and 128
-// (with BLAS on 2 threads, and again with brgemm on one thread; docs/methods.md).
-constexpr int64_t kCpuChunk = 32;
-// exp(-800) is exactly 0 in float64 and float32.
-constexpr double kUnderflow = 800.0;
 
 // A [B, H, T, D] view that GEMM can read in place: unit stride in D, rows of at least D.
 Tensor gemm_ready(const Tensor& x, at::ScalarType dt) {
@@ -38,113 +34,139 @@ Tensor gemm_ready(const Tensor& x, at::ScalarType dt) {
 
 int64_t row_stride(const Tensor& x) { return x.size(2) == 1 ? x.size(3) : x.stride(2); }
 
+// One (b, h) of the problem: inputs rows of ld* elements, outputs contiguous.
+template <typename T>
+struct Head {
+  const T *q, *k, *v;
+  int64_t ldq, ldk, ldv;
+  const double* a;  // this head's log decays ([T]: per position), or nullptr
+  double ah;        // the per-head log decay, clamped (0 when none)
+  const T* s0;      // initial state [K, V], or nullptr
+  T *out, *state;   // [T, V], [K, V]
+};
+
+// A thread's scratch tiles, reused for every head it computes.
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t C, int64_t K)
+      : attn(C * C), q_in(C * K), k_t(K * C), k_out(K * C), decay(C * C), g_out(C), g_in(C), pw(C + 1),
+        L(C) {}
+  // k_t: the chunk's K^T; k_out: (exp(L_end - L_j) k_j)^T, both [K, c]; decay: scale * D
+  // for per-head (or no) decay; g_out[j] = exp(L_end - L_j), g_in[i] = scale exp(L_i).
+  std::vector<T> attn, q_in, k_t, k_out, decay, g_out, g_in;
+  // pw[d] = exp(ah d); L the chunk's cumulative log decay.
+  std::vector<double> pw, L;
+};
+
+// The chunk loop of one head. Per chunk of c <= C positions, four small products on
+// cache-resident tiles (Q K^T, (A * D) V, Q S, K^T V); the state never leaves the thread.
+template <typename T>
+void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t C, double scale_d, Scratch<T>& w) {
+  const bool per_position = p.a != nullptr;
+  T* S = p.state;
+  bool has_state = p.s0 != nullptr;
+  if (has_state) std::copy_n(p.s0, K * V, S);
+  else std::fill_n(S, K * V, T(0));
+  // A per-head (or no) decay makes every weight a power of exp(ah): scale * D[i, j] =
+  // scale pw[i - j], the same causal C x C matrix for every chunk (its top-left c x c for
+  // a shorter one), and g_out, g_in too.
+  if (!per_position) {
+    for (int64_t d = 0; d <= C; ++d) w.pw[d] = std::exp(p.ah * d);
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t j = 0; j < C; ++j) w.decay[i * C + j] = j <= i ? static_cast<T>(scale_d * w.pw[i - j]) : T(0);
+    }
+  }
+  for (int64_t start = 0; start < T_len; start += C) {
+    const int64_t c = std::min(C, T_len - start);
+    const T* Qc = p.q + start * p.ldq;
+    const T* Kc = p.k + start * p.ldk;
+    const T* Vc = p.v + start * p.ldv;
+    T* Oc = p.out + start * V;
+    double g_end;  // exp(L_end): the state's decay over the chunk
+    if (per_position) {
+      double* L = w.L.data();
+      cpu::chunk_log_decay(p.a + start, false, 0.0, c, L);
+      const double L_end = L[c - 1];
+      for (int64_t i = 0; i < c; ++i) {
+        w.g_out[i] = static_cast<T>(std::exp(L_end - L[i]));
+        w.g_in[i] = static_cast<T>(scale_d * std::exp(L[i]));
+      }
+      g_end = std::exp(L_end);
+    } else {
+      for (int64_t i = 0; i < c; ++i) {
+        w.g_out[i] = static_cast<T>(w.pw[c - 1 - i]);
+        w.g_in[i] = static_cast<T>(scale_d * w.pw[i + 1]);
+      }
+      g_end = w.pw[c];
+    }
+    cpu::transpose(w.k_t.data(), c, Kc, p.ldk, c, K);
+    for (int64_t x = 0; x < K; ++x) {
+      const T* src = w.k_t.data() + x * c;
+      T* dst = w.k_out.data() + x * c;
+      for (int64_t j = 0; j < c; ++j) dst[j] = src[j] * w.g_out[j];
+    }
+    // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i, else 0.
+    mm<T>(c, c, K, Qc, p.ldq, w.k_t.data(), c, w.attn.data(), c, false);
+    for (int64_t i = 0; i < c; ++i) {
+      T* row = w.attn.data() + i * c;
+      if (!per_position) {
+        const T* d = w.decay.data() + i * C;
+        for (int64_t j = 0; j <= i; ++j) row[j] *= d[j];
+      } else {
+        const double* L = w.L.data();
+        for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(scale_d * std::exp(L[i] - L[j]));
+      }
+      // Masked, not multiplied by 0: a NaN key at j > i must not reach row i.
+      std::fill(row + i + 1, row + c, T(0));
+    }
+    // O = attn V. A dense product would give 0 * NaN = NaN in row i for a non-finite
+    // value at j > i; a chunk holding one takes the exactly causal row-by-row product.
+    if (cpu::all_finite(Vc, p.ldv, c, V)) {
+      mm<T>(c, V, c, w.attn.data(), c, Vc, p.ldv, Oc, V, false);
+    } else {
+      for (int64_t i = 0; i < c; ++i) mm<T>(1, V, i + 1, w.attn.data() + i * c, c, Vc, p.ldv, Oc + i * V, V, false);
+    }
+    // O += scale * exp(L_i) q_i S  (the state entering the chunk).
+    if (has_state) {
+      for (int64_t i = 0; i < c; ++i) {
+        const T g = w.g_in[i];
+        const T* src = Qc + i * p.ldq;
+        T* dst = w.q_in.data() + i * K;
+        for (int64_t x = 0; x < K; ++x) dst[x] = src[x] * g;
+      }
+      mm<T>(c, V, K, w.q_in.data(), K, S, V, Oc, V, true);
+      // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
+      const T g = static_cast<T>(g_end);
+      for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
+    }
+    mm<T>(K, V, c, w.k_out.data(), c, Vc, p.ldv, S, V, has_state);
+    has_state = true;
+  }
+}
+
 template <typename T>
 void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_decay,
                     const Tensor& s0, double scale_d, Tensor& out, Tensor& state) {
   const int64_t B = q.size(0), H = q.size(1), T_len = q.size(2), K = q.size(3), V = v.size(3);
-  const int64_t C = std::min(kCpuChunk, T_len);
-  const T scale = static_cast<T>(scale_d);
+  const int64_t C = std::min(kChunk, T_len);
   const double* a = log_decay.defined() ? log_decay.data_ptr<double>() : nullptr;
   const bool per_head = log_decay.defined() && log_decay.dim() == 1;
-  const int64_t ldq = row_stride(q), ldk = row_stride(k), ldv = row_stride(v);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // k_t: this chunk's K^T; k_out: (exp(L_end - L_j) k_j)^T, both [K, c].
-    std::vector<T> attn(C * C), q_in(C * K), k_t(K * C), k_out(K * C), decay(C * C);
-    std::vector<double> L(C);  // cumulative log decay inside the chunk
+    Scratch<T> scratch(C, K);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const T* Q = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
-      const T* Kp = k.data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
-      const T* Vp = v.data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
-      T* O = out.data_ptr<T>() + bh * T_len * V;
-      T* S = state.data_ptr<T>() + bh * K * V;
-      bool has_state = s0.defined();
-      if (has_state) std::copy_n(s0.data_ptr<T>() + bh * K * V, K * V, S);
-      else std::fill_n(S, K * V, T(0));
-      // A per-head (or no) decay makes scale * D[i, j] a function of i - j alone: the
-      // same causal C x C matrix for every chunk (its top-left c x c for a shorter one).
-      // The per-head decay, raised to -800 if below (exp(-800 k) is 0 for every k >= 1
-      // either way, and -inf * 0 on the diagonal would be NaN).
-      const double ah = !a ? 0.0 : (a[h] < -kUnderflow ? -kUnderflow : a[h]);
-      if (!a || per_head) {
-        for (int64_t i = 0; i < C; ++i) {
-          for (int64_t j = 0; j < C; ++j) {
-            decay[i * C + j] = j <= i ? static_cast<T>(scale_d * std::exp(ah * (i - j))) : T(0);
-          }
-        }
-      }
-      for (int64_t start = 0; start < T_len; start += C) {
-        const int64_t c = std::min(C, T_len - start);
-        const T* Qc = Q + start * ldq;
-        const T* Kc = Kp + start * ldk;
-        const T* Vc = Vp + start * ldv;
-        T* Oc = O + start * V;
-        // L: the cumulative log decay inside the chunk, each entry first raised to
-        // -(800 + the chunk's positive sum) (as in csrc/methods.cpp, safe_log_decay):
-        // weights through such an entry are exactly 0 either way, but -inf and -1e20
-        // stop destroying the differences (inf - inf, or small decays lost after -1e20).
-        if (a && !per_head) {
-          const double* ac = a + bh * T_len + start;
-          double positive = 0;
-          for (int64_t i = 0; i < c; ++i) positive += ac[i] > 0 ? ac[i] : 0.0;
-          const double floor = -(kUnderflow + positive);
-          double run = 0;
-          for (int64_t i = 0; i < c; ++i) {
-            run += ac[i] < floor ? floor : ac[i];  // (NaN stays NaN)
-            L[i] = run;
-          }
-        } else {
-          for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
-        }
-        const double L_end = L[c - 1];
-        for (int64_t j = 0; j < c; ++j) {
-          const T g = static_cast<T>(std::exp(L_end - L[j]));
-          for (int64_t x = 0; x < K; ++x) {
-            k_t[x * c + j] = Kc[j * ldk + x];
-            k_out[x * c + j] = Kc[j * ldk + x] * g;
-          }
-        }
-        // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i, else 0.
-        mm<T>(c, c, K, Qc, ldq, k_t.data(), c, attn.data(), c, false);
-        for (int64_t i = 0; i < c; ++i) {
-          T* row = attn.data() + i * c;
-          if (a && !per_head) {
-            for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(scale_d * std::exp(L[i] - L[j]));
-          } else {
-            const T* d = decay.data() + i * C;
-            for (int64_t j = 0; j <= i; ++j) row[j] *= d[j];
-          }
-          // Masked, not multiplied by 0: a NaN key at j > i must not reach row i.
-          std::fill(row + i + 1, row + c, T(0));
-        }
-        // O = attn V. A dense product would give 0 * NaN = NaN in row i for a non-finite
-        // value at j > i; a chunk holding one takes the exactly causal row-by-row product.
-        bool finite_v = true;
-        for (int64_t j = 0; j < c && finite_v; ++j) {
-          for (int64_t x = 0; x < V; ++x) finite_v = finite_v && std::isfinite(Vc[j * ldv + x]);
-        }
-        if (finite_v) {
-          mm<T>(c, V, c, attn.data(), c, Vc, ldv, Oc, V, false);
-        } else {
-          for (int64_t i = 0; i < c; ++i) mm<T>(1, V, i + 1, attn.data() + i * c, c, Vc, ldv, Oc + i * V, V, false);
-        }
-        // O += scale * exp(L_i) q_i S  (the state entering the chunk).
-        if (has_state) {
-          for (int64_t i = 0; i < c; ++i) {
-            const T g = scale * static_cast<T>(std::exp(L[i]));
-            for (int64_t x = 0; x < K; ++x) q_in[i * K + x] = Qc[i * ldq + x] * g;
-          }
-          mm<T>(c, V, K, q_in.data(), K, S, V, Oc, V, true);
-        }
-        // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
-        if (has_state) {
-          const T g = static_cast<T>(std::exp(L_end));
-          for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
-        }
-        mm<T>(K, V, c, k_out.data(), c, Vc, ldv, S, V, has_state);
-        has_state = true;
-      }
+      Head<T> p;
+      p.q = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
+      p.k = k.data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
+      p.v = v.data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
+      p.ldq = row_stride(q), p.ldk = row_stride(k), p.ldv = row_stride(v);
+      p.a = a && !per_head ? a + bh * T_len : nullptr;
+      p.ah = a && per_head ? cpu::clamped_head_decay(a[h]) : 0.0;
+      p.s0 = s0.defined() ? s0.data_ptr<T>() + bh * K * V : nullptr;
+      p.out = out.data_ptr<T>() + bh * T_len * V;
+      p.state = state.data_ptr<T>() + bh * K * V;
+      forward_head<T>(p, T_len, K, V, C, scale_d, scratch);
     }
     cpu::release_thread_gemm();
   });

@@ -26,6 +26,7 @@
 // for float64) tiles, in place where they already are float32 rows, so half inputs need
 // no full-tensor float32 copies; no flipped copies.
 #include "../decay_attn.h"
+#include "chunk_common.h"
 #include "small_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -39,20 +40,18 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
-
 namespace leet {
 namespace {
 
 using at::Tensor;
+using cpu::all_finite;
+using cpu::chunk_log_decay;
 using cpu::mm;
+using cpu::transpose;
 
-// The forward's chunk length (csrc/cpu/chunked_cpu.cpp) and underflow floor: the same
-// chunking makes the clamped cumulative log decays, hence the weights, the forward's.
-constexpr int64_t kChunk = 32;
-constexpr double kUnderflow = 800.0;
+// The forward's chunk length: the same chunking makes the clamped cumulative log
+// decays, hence the weights, the forward's.
+using cpu::kChunk;
 
 // One (b, h) slice of a [B, H, T, D] input: element (t, x) at p[t * st + x * sx].
 template <typename In>
@@ -118,54 +117,6 @@ void prefetch(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-// Whether every element is finite: an integer test of the exponent bits, which the
-// compiler vectorizes (a std::isfinite loop with early exit it does not).
-template <typename T>
-bool all_finite(const Tile<T>& t, int64_t rows, int64_t cols) {
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
-  U bad = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = t.row(r);
-#pragma omp simd reduction(| : bad)
-    for (int64_t x = 0; x < cols; ++x) {
-      U u;
-      std::memcpy(&u, row + x, sizeof(U));
-      bad |= (u & mask) == mask ? U(1) : U(0);
-    }
-  }
-  return bad == 0;
-}
-
-// dst[x * ldd + r] = src[r * lds + x] for r < rows, x < cols. In 4 x 4 blocks with SSE for
-// float (scalar stores of a transpose were a third of this kernel's non-GEMM time).
-template <typename T>
-void transpose(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
-  int64_t r0 = 0;
-#if defined(__SSE__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; r0 + 4 <= rows; r0 += 4) {
-      int64_t x = 0;
-      for (; x + 4 <= cols; x += 4) {
-        __m128 a0 = _mm_loadu_ps(src + (r0 + 0) * lds + x), a1 = _mm_loadu_ps(src + (r0 + 1) * lds + x);
-        __m128 a2 = _mm_loadu_ps(src + (r0 + 2) * lds + x), a3 = _mm_loadu_ps(src + (r0 + 3) * lds + x);
-        _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
-        _mm_storeu_ps(dst + (x + 0) * ldd + r0, a0);
-        _mm_storeu_ps(dst + (x + 1) * ldd + r0, a1);
-        _mm_storeu_ps(dst + (x + 2) * ldd + r0, a2);
-        _mm_storeu_ps(dst + (x + 3) * ldd + r0, a3);
-      }
-      for (; x < cols; ++x) {
-        for (int64_t r = r0; r < r0 + 4; ++r) dst[x * ldd + r] = src[r * lds + x];
-      }
-    }
-  }
-#endif
-  for (int64_t r = r0; r < rows; ++r) {
-    for (int64_t x = 0; x < cols; ++x) dst[x * ldd + r] = src[r * lds + x];
-  }
-}
-
 // sum_x a[x] b[x] - c[x] d[x] (a vectorized reduction: the order of a float sum is free here).
 template <typename T>
 T dot_diff(const T* a, const T* b, const T* c, const T* d, int64_t n) {
@@ -178,25 +129,6 @@ T dot_diff(const T* a, const T* b, const T* c, const T* d, int64_t n) {
 template <typename T, typename In>
 void store_rows(In* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<In>(src[i]);
-}
-
-// The clamped cumulative log decay inside a chunk, exactly as the forward computes it
-// (csrc/cpu/chunked_cpu.cpp): entries below -(800 + the chunk's positive sum) are raised
-// to it (their weights are 0 either way; -inf would make inf - inf). Per-head decays
-// (ah, already raised to -800) give L_i = ah (i + 1).
-void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c, double* L) {
-  if (a && !per_head) {
-    double positive = 0;
-    for (int64_t i = 0; i < c; ++i) positive += a[i] > 0 ? a[i] : 0.0;
-    const double floor = -(kUnderflow + positive);
-    double run = 0;
-    for (int64_t i = 0; i < c; ++i) {
-      run += a[i] < floor ? floor : a[i];  // (NaN stays NaN)
-      L[i] = run;
-    }
-  } else {
-    for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
-  }
 }
 
 struct Args {
@@ -241,7 +173,7 @@ void backward_kernel(const Args& g) {
       const auto Qs = slice<In>(g.q, b, h), Ks = slice<In>(g.k, b, h), Vs = slice<In>(g.v, b, h);
       const auto dOs = slice<In>(g.grad_o, b, h);
       const double* ab = a ? (per_head ? a : a + bh * T_len) : nullptr;
-      const double ah = !a ? 0.0 : (per_head ? std::max(a[h], -kUnderflow) : 0.0);
+      const double ah = !a ? 0.0 : (per_head ? cpu::clamped_head_decay(a[h]) : 0.0);
       // s * e^(ah d) for d = i - j: D of every chunk for per-head (or no) decay.
       for (int64_t d = 0; d < C; ++d) table[d] = static_cast<T>(s * std::exp(ah * d));
 
@@ -258,7 +190,7 @@ void backward_kernel(const Args& g) {
         const int64_t start = n * C, c = std::min(C, T_len - start);
         T* kk = state.get() + n * slot + V * K;
         load_rows(kk, Ks, start, c, K);
-        finite_k[n] = all_finite(Tile<T>{kk, K}, c, K);
+        finite_k[n] = all_finite(kk, K, c, K);
         if (n == n_chunks - 1 && !need_sf) break;
         chunk_log_decay(ab ? ab + (per_head ? 0 : start) : nullptr, per_head, ah, c, L.data());
         const double L_end = L[c - 1];
@@ -364,7 +296,7 @@ void backward_kernel(const Args& g) {
         } else {
           for (int64_t i = 0; i < c; ++i) mm<T>(1, K, V + i + 1, lq.data() + i * ldq, ldq, S_t, K, dq + i * K, K, false);
         }
-        if (all_finite(Tile<T>{q, K}, c, K)) {
+        if (all_finite(q, K, c, K)) {
           mm<T>(c, K, V + c, lk.data(), ldk, rk.data(), K, dk, K, false);
         } else {
           for (int64_t j = 0; j < c; ++j) {
@@ -372,7 +304,7 @@ void backward_kernel(const Args& g) {
             mm<T>(1, K, c - j, dat + j * ldk + j, ldk, q + j * K, K, dk + j * K, K, true);
           }
         }
-        if (all_finite(Tile<T>{dO, V}, c, V)) {
+        if (all_finite(dO, V, c, V)) {
           mm<T>(c, V, K + c, lv.data(), ldv, rv.data(), V, dv, V, false);
         } else {
           for (int64_t j = 0; j < c; ++j) {

@@ -14,6 +14,7 @@
 // torch or CPU, or LEET_CPU_BF16=0 in the environment at call time) the caller takes
 // the float32 kernel on upcast copies (csrc/cpu/chunked_cpu.cpp).
 #include "../decay_attn.h"
+#include "chunk_common.h"
 #include "small_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -36,9 +37,8 @@ using cpu::even;
 using cpu::mm_vnni;
 using cpu::vnni_size;
 
-// Same chunk length and underflow rule as the float32 kernel (chunked_cpu.cpp).
-constexpr int64_t kChunk = 32;
-constexpr double kUnderflow = 800.0;
+// Same chunk length and underflow rule as the float32 kernel (chunk_common.h).
+using cpu::kChunk;
 
 // float -> bf16 rounded to nearest even, NaN kept, written with integer operations the
 // compiler vectorizes (c10's conversion does not vectorize); fp16 takes c10's.
@@ -214,7 +214,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
   bool has_state = p.s0 != nullptr;
   if (has_state) std::copy_n(p.s0 + bh * K * V, K * V, S);
   // Per-head (or no) decay: scale * D[i, j] depends on i - j only (chunked_cpu.cpp).
-  const double ah = !a ? 0.0 : (a[h] < -kUnderflow ? -kUnderflow : a[h]);
+  const double ah = !a ? 0.0 : cpu::clamped_head_decay(a[h]);
   if (!a || per_head) {
     for (int64_t i = 0; i < C; ++i) {
       for (int64_t j = 0; j < C; ++j) {
@@ -228,20 +228,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     const T* Kc = Kp + start * ldk;
     const T* Vc = Vp + start * ldv;
     T* Oc = O + start * V;
-    // L: as in chunked_cpu.cpp (entries raised to -(800 + the chunk's positive sum)).
-    if (a && !per_head) {
-      const double* ac = a + bh * T_len + start;
-      double positive = 0;
-      for (int64_t i = 0; i < c; ++i) positive += ac[i] > 0 ? ac[i] : 0.0;
-      const double floor = -(kUnderflow + positive);
-      double run = 0;
-      for (int64_t i = 0; i < c; ++i) {
-        run += ac[i] < floor ? floor : ac[i];  // (NaN stays NaN)
-        L[i] = run;
-      }
-    } else {
-      for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
-    }
+    cpu::chunk_log_decay(a && !per_head ? a + bh * T_len + start : nullptr, per_head, ah, c, L);
     const double L_end = L[c - 1];
     // Q as brgemm's A: in place, or padded with a zero column for an odd K.
     const T* Qa = Qc;

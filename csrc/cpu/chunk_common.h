@@ -1,0 +1,98 @@
+// What the fused CPU chunked kernels (chunked_cpu.cpp, chunked_cpu_lowp.cpp,
+// chunked_cpu_backward.cpp) share: the chunk length, the underflow rule of the
+// cumulative log decay (one definition, so that every kernel computes the same
+// weights), and the small tile operations they all need.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace leet::cpu {
+
+// Chunk length, by measurement at B=1 H=8 T=4096 K=V=64: 32 beat 16, 48, 64 and 128
+// (docs/methods.md). The backward uses the forward's, so that its weights are the same.
+constexpr int64_t kChunk = 32;
+// exp(-800) is exactly 0 in float64 and float32.
+constexpr double kUnderflow = 800.0;
+
+// The per-head log decay as the kernels use it: raised to -800 if below (exp(-800 d) is
+// 0 for every d >= 1 either way, and -inf * 0 on the diagonal would be NaN).
+inline double clamped_head_decay(double a) { return a < -kUnderflow ? -kUnderflow : a; }
+
+// L[i], the cumulative log decay inside a chunk of c positions. Per position (a, not
+// per_head): each entry first raised to -(800 + the chunk's positive sum) (as
+// csrc/methods.cpp's safe_log_decay): weights through such an entry are exactly 0 either
+// way, but -inf and -1e20 stop destroying the differences (inf - inf, or small decays
+// lost after -1e20). NaN stays NaN. Per head (or no decay), ah already clamped:
+// L_i = ah (i + 1).
+inline void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c, double* L) {
+  if (a && !per_head) {
+    double positive = 0;
+    for (int64_t i = 0; i < c; ++i) positive += a[i] > 0 ? a[i] : 0.0;
+    const double floor = -(kUnderflow + positive);
+    double run = 0;
+    for (int64_t i = 0; i < c; ++i) {
+      run += a[i] < floor ? floor : a[i];
+      L[i] = run;
+    }
+  } else {
+    for (int64_t i = 0; i < c; ++i) L[i] = ah * (i + 1);
+  }
+}
+
+// Whether every element of a rows x cols tile (row stride ld) is finite: an integer test
+// of the exponent bits, which the compiler vectorizes (std::isfinite with an early exit
+// it does not).
+template <typename T>
+inline bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = p + r * ld;
+#pragma omp simd reduction(| : bad)
+    for (int64_t x = 0; x < cols; ++x) {
+      U u;
+      std::memcpy(&u, row + x, sizeof(U));
+      bad |= (u & mask) == mask ? U(1) : U(0);
+    }
+  }
+  return bad == 0;
+}
+
+// dst[x * ldd + r] = src[r * lds + x] for r < rows, x < cols. In 4 x 4 blocks with SSE for
+// float (scalar stores of a transpose were a third of the kernels' non-GEMM time).
+template <typename T>
+inline void transpose(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
+  int64_t r0 = 0;
+#if defined(__SSE__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; r0 + 4 <= rows; r0 += 4) {
+      int64_t x = 0;
+      for (; x + 4 <= cols; x += 4) {
+        __m128 a0 = _mm_loadu_ps(src + (r0 + 0) * lds + x), a1 = _mm_loadu_ps(src + (r0 + 1) * lds + x);
+        __m128 a2 = _mm_loadu_ps(src + (r0 + 2) * lds + x), a3 = _mm_loadu_ps(src + (r0 + 3) * lds + x);
+        _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+        _mm_storeu_ps(dst + (x + 0) * ldd + r0, a0);
+        _mm_storeu_ps(dst + (x + 1) * ldd + r0, a1);
+        _mm_storeu_ps(dst + (x + 2) * ldd + r0, a2);
+        _mm_storeu_ps(dst + (x + 3) * ldd + r0, a3);
+      }
+      for (; x < cols; ++x) {
+        for (int64_t r = r0; r < r0 + 4; ++r) dst[x * ldd + r] = src[r * lds + x];
+      }
+    }
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r) {
+    for (int64_t x = 0; x < cols; ++x) dst[x * ldd + r] = src[r * lds + x];
+  }
+}
+
+}  // namespace leet::cpu
