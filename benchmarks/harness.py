@@ -276,6 +276,10 @@ def environment(device="cpu"):
            "platform": platform.platform(), **versions(),
            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           # the C allocator's settings: a fresh output of >= 32 MB is page-faulted in on
+           # every call unless they change it (docs/methods.md)
+           "allocator": " ".join(f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_")
+                                 if k in os.environ) or "default",
            "command": shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])}
     if device == "cuda" and torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
@@ -430,8 +434,8 @@ def write_results(s: Suite, env, results, extra, out_dir, basename=None):
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=2, default=str)
     lines = [f"# {s.name}: {s.description.splitlines()[0] if s.description else ''}", ""]
-    lines += [f"- {k}: `{env.get(k)}`" for k in ("device", "driver", "cpu", "torch_threads", "torch", "cuda",
-                                                  "triton", "fla", "leet-compile", "date", "command")
+    lines += [f"- {k}: `{env.get(k)}`" for k in ("device", "driver", "cpu", "torch_threads", "allocator", "torch",
+                                                  "cuda", "triton", "fla", "leet-compile", "date", "command")
               if k in env]
     lines += ["", tables(s, results, markdown=True)]
     if extra:
