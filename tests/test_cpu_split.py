@@ -126,6 +126,18 @@ def test_resets_huge_and_positive_decays(state):
     check(q, k, v, torch.tensor([-INF, -1e20, 0.03, -30.0, 0.0]), s0, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_long_decays_and_negative_scale(dtype):
+    """Decays whose weights across a segment fall below the smallest normal number (those
+    rows' corrections are 0, not subnormal), and a negative scale."""
+    q, k, v, a, s0 = make_inputs(B=1, H=2, T=1200, K=8, V=8, decay="position", state=True, dtype=dtype,
+                                 decay_range=(-2.0, -0.5), seed=15)
+    s0 = s0.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    check(q, k, v, a, s0, 2, scale=-0.7, tol=tol)
+    check(q, k, v, torch.tensor([-0.6, -0.1]), s0, 3, scale=-0.7, tol=tol)
+
+
 @pytest.mark.parametrize("where", ["v", "k", "q", "log_decay"])
 @pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
 @pytest.mark.parametrize("p", [70, 100, 165])
