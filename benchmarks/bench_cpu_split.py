@@ -7,7 +7,9 @@ unsplit kernel, side by side: no_grad forward, per-position decay, initial state
 Each round times every variant of a shape once (the best of --number calls), so a change in
 machine load hits them alike; the table gives medians over rounds, the speedup over
 "unsplit" (LEET_CPU_SPLIT=0), and the 1-minute load average before and after. "auto" is the
-default rule (LEET_CPU_SPLIT unset), "P=n" forces n segments.
+default rule (LEET_CPU_SPLIT unset), "n" forces n segments, "heads" is a control: the same
+work as 2H heads of T / 2 on the unsplit kernel, whose parallel loop over heads is the best a
+2-way split can reach (on a loaded machine it shows what two threads are worth at all).
 """
 import argparse
 import os
@@ -19,7 +21,17 @@ import torch
 from leet_compile import decay_attn
 
 
+def halves(q, k, v, a, s0):
+    """The same work as B * 2H heads of T / 2 (what the kernel's own parallel loop over
+    heads does with 2 threads): the best a 2-way split of one head can do."""
+    B, H, T, K = q.shape
+    h = (lambda x: x.reshape(B, 2 * H, T // 2, x.shape[-1]))
+    return h(q), h(k), h(v), a.reshape(B, 2 * H, T // 2), s0.repeat_interleave(2, dim=1)
+
+
 def timed(variant, args, number):
+    if variant == "heads":
+        args, variant = halves(*args), "0"
     os.environ["LEET_CPU_SPLIT"] = variant
     best = float("inf")
     with torch.no_grad():
@@ -34,7 +46,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["1,1,16384", "1,1,4096", "1,8,4096"], help="B,H,T")
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-    p.add_argument("--variants", nargs="*", default=["0", "auto", "2"])
+    p.add_argument("--variants", nargs="*", default=["0", "auto", "heads"])
     p.add_argument("--KV", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -42,7 +54,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, K=V={args.KV}, load {os.getloadavg()[0]:.2f}")
-    print(f"{'B,H,T':>12} {'dtype':>9} " + " ".join(f"{v if v != '0' else 'unsplit':>16}" for v in args.variants))
+    print(f"{'B,H,T':>12} {'dtype':>9} " + " ".join(f"{v if v != '0' else 'unsplit':>16}" for v in args.variants), flush=True)
     for shape in args.shapes:
         B, H, T = map(int, shape.split(","))
         for dt in args.dtypes:

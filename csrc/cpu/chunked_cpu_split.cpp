@@ -125,6 +125,8 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3), BH = B * H;
   const int64_t P = segment_count(BH, T);
   if (P < 2) return std::nullopt;
+  // Below autograd (this is a kernel; its ATen ops record nothing), on every thread below.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   // Segment bounds: whole chunks, spread evenly (the last one holds a partial chunk).
   const int64_t chunks = (T + kChunk - 1) / kChunk;
@@ -140,6 +142,7 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
   Tensor out = new_output({B, H, T, V}, v.options());
   Tensor W = has_decay ? at::empty({BH, T}, a.options()) : Tensor();
   std::vector<Tensor> finals(BH * P);  // F_s of (bh, s), [K, V]
+  std::vector<Tensor> local(BH * P);   // the outputs of segments s >= 1, [len, V]
   std::vector<double> G(BH * P, 1.0);
   // The state dtype of both kernels (float32, float64 for float64 compute).
   const at::ScalarType state_dtype = compute_dtype(q, k, v);
@@ -148,6 +151,7 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
   // parallel_for over B * H then runs inline in each job).
   at::parallel_for(0, BH * P, 1, [&](int64_t begin, int64_t end) {
     SplitGuard guard;
+    at::AutoDispatchBelowADInplaceOrView below;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t bh = job / P, s = job % P, b = bh / H, h = bh % H, t0 = bound[s], t1 = bound[s + 1];
       const auto piece = [&](const Tensor& x) { return x.slice(0, b, b + 1).slice(1, h, h + 1).slice(2, t0, t1); };
@@ -156,7 +160,9 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
       if (s == 0 && has_s0) s0 = initial_state->slice(0, b, b + 1).slice(1, h, h + 1);
       const bool want_state = s < P - 1 || output_final_state;
       auto [o, st] = decay_attn_chunked_cpu(piece(q), piece(k), piece(v), ld, scale, s0, want_state);
-      out.select(0, b).select(0, h).slice(0, t0, t1).copy_(o.select(0, 0).select(0, 0));
+      // Segment 0's rows are final; the later ones are written with their correction.
+      if (s == 0) out.select(0, b).select(0, h).slice(0, t0, t1).copy_(o.select(0, 0).select(0, 0));
+      else local[job] = o.select(0, 0).select(0, 0);
       if (want_state) finals[job] = st.select(0, 0).select(0, 0);
       if (has_decay) {
         G[job] = segment_decay(a.data_ptr<double>(), per_head, H, T, bh, t0, t1, state_dtype == at::kFloat, scale,
@@ -194,23 +200,26 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
     }
   }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below;
     for (int64_t x = begin; x < end; ++x) {
       const Block& blk = blocks[x];
       const int64_t b = blk.bh / H, h = blk.bh % H;
       Tensor qs = q.select(0, b).select(0, h).slice(0, blk.r0, blk.r1).to(state_dtype);  // [n, K]
       Tensor o = out.select(0, b).select(0, h).slice(0, blk.r0, blk.r1);
+      Tensor o_local = local[blk.bh * P + blk.s].slice(0, blk.r0 - bound[blk.s], blk.r1 - bound[blk.s]);
       const Tensor& S = state_in[blk.bh * P + blk.s];
-      // bf16 / fp16 output: the sum in float32, rounded once.
-      const bool same = o.scalar_type() == state_dtype;
-      Tensor acc = same ? o : o.to(state_dtype);
-      if (has_decay) {
-        // The row factor after the product, not folded into q: (W q) S has subnormal
-        // products wherever W is small, 4x slower (0.51 vs 0.12 ms at 2048 x 64 x 64).
-        acc.addcmul_(at::mm(qs, S), W.select(0, blk.bh).slice(0, blk.r0, blk.r1).to(state_dtype).unsqueeze(1));
-      } else {
-        acc.addmm_(qs, S, 1.0, scale);
+      // The row factor after the product, not folded into q: (W q) S has subnormal products
+      // wherever W is small, 4x slower (0.51 vs 0.12 ms at 2048 x 64 x 64).
+      Tensor w = has_decay ? W.select(0, blk.bh).slice(0, blk.r0, blk.r1).to(state_dtype).unsqueeze(1) : Tensor();
+      if (o.scalar_type() == state_dtype) {  // out = local + correction, in one pass
+        if (has_decay) at::addcmul_out(o, o_local, at::mm(qs, S), w);
+        else at::addmm_out(o, o_local, qs, S, 1.0, scale);
+      } else {  // bf16 / fp16 output: the sum in float32, rounded once
+        Tensor acc = o_local.to(state_dtype);
+        if (has_decay) acc.addcmul_(at::mm(qs, S), w);
+        else acc.addmm_(qs, S, 1.0, scale);
+        o.copy_(acc);
       }
-      if (!same) o.copy_(acc);
     }
   });
   return std::make_tuple(out, output_final_state ? final_state : at::empty({0}, out.options().dtype(state_dtype)));
