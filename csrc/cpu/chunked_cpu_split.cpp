@@ -7,8 +7,10 @@
 //   1. the state entering segment s:  S_in(1) = F_0,  S_in(s + 1) = G_s S_in(s) + F_s,
 //      G_s the segment's decay over its whole length (final state = S_in(P));
 //   2. in parallel over row blocks of segments s >= 1:
-//      O_i += scale * W_i q_i S_in(s),  W_i the decay from the segment's start to i,
-//      one matrix product per block (float32 for bf16 / fp16, as the kernel accumulates).
+//      O_i = O_local_i + W_i (q_i S_in(s)),  W_i = scale * the decay from the segment's
+//      start to i, one matrix product per block, the row factor applied to its result
+//      (float32 for bf16 / fp16, rounded once, as the kernel accumulates).
+// Segment 0's rows are copied as they are; nothing is added where S_in is zero.
 // G_s and W_i follow the kernel's arithmetic exactly: the same per-chunk clamps of the log
 // decay (entries raised to -(800 + the chunk's positive sum), per-head decays to -800),
 // and the decay across chunks as the kernel applies it to its state, a product of
