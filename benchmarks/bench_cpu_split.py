@@ -25,6 +25,7 @@ def halves(q, k, v, a, s0):
     """The same work as B * 2H heads of T / 2 (what the kernel's own parallel loop over
     heads does with 2 threads): the best a 2-way split of one head can do."""
     B, H, T, K = q.shape
+    assert T % 2 == 0, "the heads control needs an even T"
     h = (lambda x: x.reshape(B, 2 * H, T // 2, x.shape[-1]))
     return h(q), h(k), h(v), a.reshape(B, 2 * H, T // 2), s0.repeat_interleave(2, dim=1)
 
