@@ -68,4 +68,12 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> decay_attn_chunked_cpu_lowp(
     const std::optional<at::Tensor>& log_decay, double scale,
     const std::optional<at::Tensor>& initial_state, bool output_final_state);
 
+// The same forward with the sequence cut into segments run in parallel, then joined
+// (csrc/cpu/chunked_cpu_split.cpp), where B * H leaves threads idle (or LEET_CPU_SPLIT
+// asks for it); nullopt where it does not apply. It calls decay_attn_chunked_cpu per segment.
+std::optional<std::tuple<at::Tensor, at::Tensor>> decay_attn_chunked_cpu_split(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state, bool output_final_state);
+
 }  // namespace leet

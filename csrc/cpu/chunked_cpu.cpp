@@ -178,6 +178,10 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const std::optional<Tensor>& log_decay, double scale,
     const std::optional<Tensor>& initial_state, bool output_final_state) {
+  // B * H below the thread count: segments of the sequence in parallel (chunked_cpu_split.cpp).
+  if (auto split = decay_attn_chunked_cpu_split(q_in, k_in, v_in, log_decay, scale, initial_state, output_final_state)) {
+    return *split;
+  }
   // bf16 / fp16 inputs on the matrix units where this machine has them (chunked_cpu_lowp.cpp).
   if (auto lowp = decay_attn_chunked_cpu_lowp(q_in, k_in, v_in, log_decay, scale, initial_state, output_final_state)) {
     return *lowp;
