@@ -26,17 +26,25 @@ def gemm_rate(dtype, N):
 
 
 @contextlib.contextmanager
-def cpu_bf16_units(on):
-    """LEET_CPU_BF16=0 while off: the fused kernel's bf16 inputs take the upcast float32 path."""
-    old = os.environ.get("LEET_CPU_BF16")
-    os.environ["LEET_CPU_BF16"] = "1" if on else "0"
+def environ(name, value):
+    """os.environ[name] = value while inside (None: unset); the kernels read these per call."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["LEET_CPU_BF16"]
+            os.environ.pop(name, None)
         else:
-            os.environ["LEET_CPU_BF16"] = old
+            os.environ[name] = old
+
+
+def cpu_bf16_units(on):
+    """LEET_CPU_BF16=0 while off: the fused kernel's bf16 inputs take the upcast float32 path."""
+    return environ("LEET_CPU_BF16", "1" if on else "0")
 
 
 def naive(q, k, v, log_decay):
@@ -125,6 +133,43 @@ def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
     for p, (name, rate) in peak.items():
         info.setdefault(p, {}).update(gemm=name, gemm_gflops_per_s=rate)
     return Case(fns, flops=flops, info=info, peak=peak)
+
+
+def split_env(fn, value):
+    """fn under LEET_CPU_SPLIT=value (None: the default rule), timed together (~1 us)."""
+    def run():
+        with environ("LEET_CPU_SPLIT", value):
+            return fn()
+    return run
+
+
+@suite("cpu-split", x_name="T", x_vals=[1024, 4096, 16384], smoke_x_vals=[1100],
+       params=dict(B=1, H=1, D=64), baseline="unsplit")
+def cpu_split(T, B, H, D):
+    """The fused CPU forward with the sequence split into segments run in parallel (the default where B*H < threads; csrc/cpu/chunked_cpu_split.cpp) vs unsplit (LEET_CPU_SPLIT=0), and the control "heads": the same work as 2H heads of T/2 on the unsplit kernel, the best a 2-way split can reach; B=1 H=1 K=V=64, fp32 and bf16, per-position decay, initial and final state"""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    a = -torch.rand(B, H, T, generator=g) * 0.1
+    s0 = torch.randn(B, H, D, D, generator=g)
+    T2 = T // 2 * 2  # the control halves an even length
+
+    def call(q, k, v, a, s0):
+        return leet_compile.decay_attn(q, k, v, a, initial_state=s0, output_final_state=True)
+
+    def halves(q, k, v, a, s0):
+        h = (lambda x: x[:, :, :T2].reshape(B, 2 * H, T2 // 2, x.shape[-1]))
+        return h(q), h(k), h(v), a[:, :, :T2].reshape(B, 2 * H, T2 // 2), s0.repeat_interleave(2, dim=1)
+
+    fns = {}
+    for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
+        x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
+        hx = halves(*x)
+        fns["unsplit" + tag] = split_env(lambda x=x: call(*x), "0")
+        fns["split" + tag] = split_env(lambda x=x: call(*x), None)
+        fns["heads (control)" + tag] = split_env(lambda hx=hx: call(*hx), "0")
+    ref = call(q.double(), k.double(), v.double(), a.double(), s0.double())[0]
+    info = {p: {"rel_err_vs_fp64": rel_err(fns[p]()[0], ref)} for p in ("unsplit", "split", "unsplit bf16", "split bf16")}
+    return Case(fns, flops=chunked_flops(B, H, T, D, D), info=info)
 
 
 @suite("gemm", x_name="N", x_vals=[1024], smoke_x_vals=[128])
