@@ -275,6 +275,22 @@ def _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=False):
     branch.recompile()
 
 
+def _view_flat_operands(branch, inputs, flat_ops, fake_mode, stack_trace):
+    """The placeholders of the operands in ``flat_ops`` take their 1-D views, viewed back
+    to their shapes (sizes: ints and placeholders of the SymInt operands) first thing."""
+    g = branch.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    ph = dict(zip(inputs, placeholders))
+    for x, (xf, sz) in flat_ops.items():
+        p = ph[x]
+        p.meta["val"] = _val(xf)
+        with g.inserting_after(placeholders[-1]):
+            v = g.call_function(aten.view.default, (p, [ph[z] if isinstance(z, Node) else z for z in sz]))
+        v.meta["stack_trace"] = stack_trace
+        p.replace_all_uses_with(v, delete_user_cb=lambda u, v=v: u is not v)
+        _propagate(branch, v, fake_mode)
+
+
 def _needs_flat(t):
     """Whether t's contiguous strides hold a Max(1, size) (a size the shape environment
     does not simplify as >= 1, such as T // 8): torch.cond cannot merge them."""
@@ -426,13 +442,12 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     memo = {}
     needs_grad = _requires_grad(anchor, memo)
     wrap = [needs_grad and isinstance(_val(x), torch.Tensor) and _requires_grad(x, memo) for x in operands]
-    if needs_grad and any(isinstance(_val(x), torch.Tensor) and _needs_flat(_val(x)) for x in fast | slow):
-        from .errors import Unproven
-
-        # the backward branches return gradients with such sizes, contiguous: strides that
-        # torch.cond cannot merge (the forward's 1-D trick below does not reach them)
-        raise Unproven("a run-time check (torch.cond) in a training graph with sizes such as T // L "
-                       "(dynamic shapes): torch.cond's backward cannot merge their strides")
+    # sizes such as T // L (dynamic shapes) give contiguous strides holding Max(1, size),
+    # which torch.cond cannot merge: in its backward too, where the branches return the
+    # operands' gradients.  Then every differentiable operand enters the branches 1-D
+    # (its gradient is 1-D) and is viewed back to its shape there.
+    flat_grads = needs_grad and any(isinstance(_val(x), torch.Tensor) and _needs_flat(_val(x))
+                                    for x in fast | slow)
     i = _unique_index(gm)
     names = (f"leet_fast_{i}", f"leet_slow_{i}")
     new = []
@@ -448,10 +463,31 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     # size): such an output leaves the branches 1-D and is viewed back to its shape here,
     # its sizes computed from the placeholders' sizes
     sizes = _flat_sizes(a_val, graph, add) if _needs_flat(a_val) else None
-    branches = (outline(gm, fast_nodes + pulled, fast_out, operands),
-                outline(gm, slow_nodes + pulled, anchor, operands))
+    flat_ops = {}  # operand -> (its 1-D view, its sizes as ints and SymInt nodes)
+    if flat_grads:
+        for x, w in zip(operands, wrap):
+            v = _val(x)
+            if not (w and v.dim() > 1):
+                continue
+            sz = _flat_sizes(v, graph, add)
+            if sz is None:
+                for n in reversed(new):
+                    graph.erase_node(n)
+                from .errors import Unproven
+
+                raise Unproven("a run-time check (torch.cond) in a training graph with sizes such as T // L "
+                               "(dynamic shapes): an operand's sizes are not expressions of the inputs' sizes")
+            flat_ops[x] = (_propagate(gm, add(aten.reshape.default, x, [-1]), fake_mode), sz)
+    size_ops = []
+    for _, sz in flat_ops.values():
+        size_ops.extend(z for z in sz if isinstance(z, Node) and z not in size_ops and z not in operands)
+    branches = (outline(gm, fast_nodes + pulled, fast_out, operands + size_ops),
+                outline(gm, slow_nodes + pulled, anchor, operands + size_ops))
     for branch in branches:
-        _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=sizes is not None)
+        if flat_ops:
+            _view_flat_operands(branch, operands + size_ops, flat_ops, fake_mode, stack_trace)
+        _prepare_branch(branch, fake_mode, wrap + [False] * len(size_ops), stack_trace, flat=sizes is not None)
+    operands = [flat_ops[x][0] if x in flat_ops else x for x in operands] + size_ops
 
     pred = preconditions[0]
     for p in preconditions[1:]:
