@@ -278,6 +278,7 @@ def build(gm, match, emitted, order=None, fake_mode=None, checks=None):
     b = Builder(gm, match, fake_mode)
     b.emitted = emitted
     b.checks = {} if checks is None else checks
+    b.order = order
     for size, cap in match.length_checks:
         _assert_length(b, size, cap)
     pred, described = _preconditions(b, match)
@@ -356,16 +357,25 @@ def _assert_length(b, size, cap):
            f"leet_compile: the rewritten decay attention was proven for sequence lengths up to {cap}")
 
 
-def _shared(b, key, make):
-    """The check node for ``key``: one an earlier site emitted (still in the graph), or
-    ``make()``'s, remembered for the next sites."""
+def _shared(b, key, make, reads=()):
+    """The check node for ``key``: one an earlier site emitted (still in the graph, before
+    this site, and no in-place op in between may write what it reads), or ``make()``'s,
+    remembered for the next sites."""
+    from .guard import _writes_between
+
     def alive(n):
         return n.graph is b.g and not getattr(n, "_erased", False)
 
-    n = b.checks.get(key)
-    if n is not None and all(alive(x) for x in (n if isinstance(n, list) else [n])):
-        return n
-    n = b.checks[key] = make()
+    hit = b.checks.get(key)
+    if hit is not None and b.order is not None:
+        n, first = hit
+        nodes = n if isinstance(n, list) else [n]
+        if all(alive(x) for x in nodes + [first]) and all(b.order[x] < b.order[b.anchor] for x in nodes) and \
+                not _writes_between(b.g, b.order, b.order[first], b.order[b.anchor], list(reads)):
+            return n
+    start = len(b.emitted)
+    n = make()
+    b.checks[key] = (n, b.emitted[start] if len(b.emitted) > start else (n if not isinstance(n, list) else n[0]))
     return n
 
 
@@ -382,7 +392,7 @@ def _cum_checks(b, fact, bw):
             aw = b.emit(aten.mul.Tensor, node, float(fact.w))
             return [b.all_true(b.emit(aten.le.Scalar, aw, 0)), b.all_true(b.emit(aten.isfinite.default, aw))]
 
-        return _shared(b, ("cum", node, float(fact.w)), make)
+        return _shared(b, ("cum", node, float(fact.w)), make, [node])
     a = b.materialize(node, roles, bw + ["t"])
     w = b.coef(fact.w, bw)
     if not isinstance(w, float):
@@ -429,7 +439,7 @@ def _preconditions(b, match):
             pred = b.emit(aten.logical_and.default, pred, c)
         return pred
 
-    return _shared(b, ("and", *alls), combine), texts
+    return _shared(b, ("and", *alls), combine, [x for c in alls for x in c.all_input_nodes]), texts
 
 
 def _operator_call(b, match):
