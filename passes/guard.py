@@ -541,9 +541,9 @@ def _movable(x):
         return False
     v = _val(x)
     outs = v if isinstance(v, (tuple, list)) else [v]
-    if torch.Tag.nondeterministic_seeded in t.tags or not outs or \
+    if torch.Tag.nondeterministic_seeded in t.tags or not any(isinstance(y, torch.Tensor) for y in outs) or \
             not all(isinstance(y, torch.Tensor) or y is None for y in outs):
-        return False
+        return False  # (an op returning nothing, such as an assert, is never moved nor dropped)
     return all(isinstance(a, Node) or not isinstance(a, torch.Tensor) for a in x.args)
 
 
