@@ -44,6 +44,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
     # n-ary einsums as chains of two-operand ones (put back where nothing is rewritten)
     splits = []
     rewritten_nodes = set()
+    checks = {}  # run-time checks shared by sites (rewrite.build)
     for n in list(graph.nodes):
         chain = split_einsum(graph, n, fake_mode) if n.users else []
         if chain:
@@ -58,7 +59,7 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
                 continue
             emitted = []
             try:
-                scale, pre = build(gm, match, emitted, order, fake_mode)
+                scale, pre = build(gm, match, emitted, order, fake_mode, checks)
             except Exception:
                 for x in reversed(emitted):  # a failed build leaves the graph as it was
                     if x.graph is graph and not x.users:
@@ -80,6 +81,10 @@ def rewrite_decay_attention(gm: torch.fx.GraphModule) -> RewriteReport:
         _remove_dead(graph, set(chain) | ({n} if not n.users else set()), gone)
     if splits:  # a removed n-ary einsum was the last user of its sites' masks
         _remove_dead(graph, rewritten_nodes, gone)
+    if report.rewrites:  # sites with the same run-time check: one torch.cond
+        from .guard import merge_guards
+
+        merge_guards(gm, fake_mode)
     if report.rewrites or changed or splits:
         graph.lint()
         gm.recompile()

@@ -17,7 +17,7 @@ import torch
 
 from .graph import fake_mode_of
 
-__all__ = ["emit", "guard", "guarded_sites", "outline"]
+__all__ = ["emit", "guard", "guarded_sites", "merge_guards", "outline"]
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -166,7 +166,9 @@ def _pullable(n):
         return False
     if any(a.alias_info is not None for a in t._schema.returns):
         return True  # a view
-    return torch.Tag.pointwise in t.tags
+    # constant_pad_nd (F.pad: fla pads T to a multiple of the chunk) is lowered like a
+    # pointwise op: Inductor realizes it in its input's layout, not the recorded one
+    return torch.Tag.pointwise in t.tags or t in (aten.constant_pad_nd.default, aten.pad.default)
 
 
 def _operands(ext, inside):
@@ -251,7 +253,12 @@ def _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=False):
             _propagate(branch, w, fake_mode)
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
     (res,) = out_node.args[0]
-    if not _exactly_contiguous(_val(res)):
+    from .mutation import alias_base
+
+    base = res
+    while alias_base(base) is not None:
+        base = alias_base(base)
+    if not _exactly_contiguous(_val(res)) or base.op == "placeholder":  # cond's output may not alias its operands
         with g.inserting_before(out_node):
             c = g.call_function(aten.clone.default, (res,), {"memory_format": torch.contiguous_format})
         c.meta["stack_trace"] = stack_trace
@@ -266,6 +273,22 @@ def _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=False):
         out_node.args = ((c,),)
     g.lint()
     branch.recompile()
+
+
+def _view_flat_operands(branch, inputs, flat_ops, fake_mode, stack_trace):
+    """The placeholders of the operands in ``flat_ops`` take their 1-D views, viewed back
+    to their shapes (sizes: ints and placeholders of the SymInt operands) first thing."""
+    g = branch.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    ph = dict(zip(inputs, placeholders))
+    for x, (xf, sz) in flat_ops.items():
+        p = ph[x]
+        p.meta["val"] = _val(xf)
+        with g.inserting_after(placeholders[-1]):
+            v = g.call_function(aten.view.default, (p, [ph[z] if isinstance(z, Node) else z for z in sz]))
+        v.meta["stack_trace"] = stack_trace
+        p.replace_all_uses_with(v, delete_user_cb=lambda u, v=v: u is not v)
+        _propagate(branch, v, fake_mode)
 
 
 def _needs_flat(t):
@@ -419,13 +442,12 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     memo = {}
     needs_grad = _requires_grad(anchor, memo)
     wrap = [needs_grad and isinstance(_val(x), torch.Tensor) and _requires_grad(x, memo) for x in operands]
-    if needs_grad and any(isinstance(_val(x), torch.Tensor) and _needs_flat(_val(x)) for x in fast | slow):
-        from .errors import Unproven
-
-        # the backward branches return gradients with such sizes, contiguous: strides that
-        # torch.cond cannot merge (the forward's 1-D trick below does not reach them)
-        raise Unproven("a run-time check (torch.cond) in a training graph with sizes such as T // L "
-                       "(dynamic shapes): torch.cond's backward cannot merge their strides")
+    # sizes such as T // L (dynamic shapes) give contiguous strides holding Max(1, size),
+    # which torch.cond cannot merge: in its backward too, where the branches return the
+    # operands' gradients.  Then every differentiable operand enters the branches 1-D
+    # (its gradient is 1-D) and is viewed back to its shape there.
+    flat_grads = needs_grad and any(isinstance(_val(x), torch.Tensor) and _needs_flat(_val(x))
+                                    for x in fast | slow)
     i = _unique_index(gm)
     names = (f"leet_fast_{i}", f"leet_slow_{i}")
     new = []
@@ -441,10 +463,31 @@ def guard(gm: torch.fx.GraphModule, anchor: Node, fast_nodes: list[Node], fast_o
     # size): such an output leaves the branches 1-D and is viewed back to its shape here,
     # its sizes computed from the placeholders' sizes
     sizes = _flat_sizes(a_val, graph, add) if _needs_flat(a_val) else None
-    branches = (outline(gm, fast_nodes + pulled, fast_out, operands),
-                outline(gm, slow_nodes + pulled, anchor, operands))
+    flat_ops = {}  # operand -> (its 1-D view, its sizes as ints and SymInt nodes)
+    if flat_grads:
+        for x, w in zip(operands, wrap):
+            v = _val(x)
+            if not (w and v.dim() > 1):
+                continue
+            sz = _flat_sizes(v, graph, add)
+            if sz is None:
+                for n in reversed(new):
+                    graph.erase_node(n)
+                from .errors import Unproven
+
+                raise Unproven("a run-time check (torch.cond) in a training graph with sizes such as T // L "
+                               "(dynamic shapes): an operand's sizes are not expressions of the inputs' sizes")
+            flat_ops[x] = (_propagate(gm, add(aten.reshape.default, x, [-1]), fake_mode), sz)
+    size_ops = []
+    for _, sz in flat_ops.values():
+        size_ops.extend(z for z in sz if isinstance(z, Node) and z not in size_ops and z not in operands)
+    branches = (outline(gm, fast_nodes + pulled, fast_out, operands + size_ops),
+                outline(gm, slow_nodes + pulled, anchor, operands + size_ops))
     for branch in branches:
-        _prepare_branch(branch, fake_mode, wrap, stack_trace, flat=sizes is not None)
+        if flat_ops:
+            _view_flat_operands(branch, operands + size_ops, flat_ops, fake_mode, stack_trace)
+        _prepare_branch(branch, fake_mode, wrap + [False] * len(size_ops), stack_trace, flat=sizes is not None)
+    operands = [flat_ops[x][0] if x in flat_ops else x for x in operands] + size_ops
 
     pred = preconditions[0]
     for p in preconditions[1:]:
@@ -484,3 +527,278 @@ def guarded_sites(gm: torch.fx.GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes
             if n.op == "call_function" and n.target is torch.ops.higher_order.cond
             and n.args[1].op == "get_attr" and n.args[1].target.startswith("leet_fast_")]
+
+
+# ---------------------------------------------------------------- one cond for many sites
+
+
+def _movable(x):
+    """A pure ATen node that may be computed inside the branches instead of before them."""
+    t = x.target
+    if x.op == "call_function" and t is operator.getitem:  # an output of a movable op
+        return isinstance(x.args[0], Node) and _movable(x.args[0]) and isinstance(_val(x), torch.Tensor)
+    if x.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    v = _val(x)
+    outs = v if isinstance(v, (tuple, list)) else [v]
+    if torch.Tag.nondeterministic_seeded in t.tags or not any(isinstance(y, torch.Tensor) for y in outs) or \
+            not all(isinstance(y, torch.Tensor) or y is None for y in outs):
+        return False  # (an op returning nothing, such as an assert, is never moved nor dropped)
+    return all(isinstance(a, Node) or not isinstance(a, torch.Tensor) for a in x.args)
+
+
+def _hashable(a):
+    if isinstance(a, (list, tuple)):
+        items = tuple(_hashable(y) for y in a)
+        return None if any(y is _UNHASHABLE for y in items) else (type(a).__name__, items)
+    if isinstance(a, dict):
+        return _hashable(sorted(a.items()))
+    if isinstance(a, slice):
+        return _hashable((a.start, a.stop, a.step))
+    try:
+        hash(a)
+    except TypeError:
+        return _UNHASHABLE
+    if isinstance(a, float) and a != a:
+        return _UNHASHABLE  # nan != nan
+    return (type(a).__name__, a)
+
+
+_UNHASHABLE = object()
+
+
+def _cse_key(n, args, kwargs):
+    """A key under which two nodes compute the same value (pure ATen ops only), or None."""
+    t = n.target
+    if n.op != "call_function":
+        return None
+    if isinstance(t, torch._ops.OpOverload):
+        if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+            return None
+    elif t is not operator.getitem:
+        return None
+    key = _hashable((args, kwargs))
+    return None if key is _UNHASHABLE else (t, key)
+
+
+def _merged_branch(gm, branches, operand_lists, operands, copied, out_index):
+    """One branch computing the outputs of ``branches`` (GraphModules, each reading its
+    operand list) as one tuple, from ``operands``; the main-graph nodes ``copied`` are
+    computed first (in graph order).  Identical pure nodes are computed once."""
+    sub = torch.fx.Graph()
+    root = {}
+    env = {}
+    for x in operands:
+        p = sub.placeholder(x.name)
+        if "val" in x.meta:
+            p.meta["val"] = x.meta["val"]
+        env[x] = p
+    cse = {}
+    mutating = any(getattr(n, "target", None) is not None and isinstance(n.target, torch._ops.OpOverload)
+                   and n.target._schema.is_mutable for br in branches for n in br.graph.nodes)
+
+    def copy(n, lookup, prefix, src=None):
+        if n.op == "get_attr":
+            obj = src
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            name = f"{prefix}{n.target.replace('.', '_')}"
+            root[name] = obj
+            new = sub.get_attr(name)
+            new.meta.update(n.meta)
+            return new
+        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lookup)
+        key = None if mutating else _cse_key(n, args, kwargs)
+        if key is not None and key in cse:
+            return cse[key]
+        new = sub.node_copy(n, lookup)
+        if key is not None:
+            cse[key] = new
+        return new
+
+    for x in sorted(copied, key=lambda n: out_index[n]):
+        env[x] = copy(x, env.__getitem__, "")
+    outs = []
+    for k, (br, ops) in enumerate(zip(branches, operand_lists)):
+        local = {}
+        phs = [n for n in br.graph.nodes if n.op == "placeholder"]
+        for p, x in zip(phs, ops):
+            local[p] = env[x]
+        for n in br.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                outs.extend(local[a] for a in n.args[0])
+                continue
+            local[n] = copy(n, local.__getitem__, f"site{k}_", br)
+    # torch.cond's outputs may alias neither its operands nor each other: of the outputs
+    # that view one tensor (chunks of one batched call), all but the first are copies
+    from .mutation import alias_base
+
+    seen = set()
+    for k, r in enumerate(outs):
+        base = r
+        while alias_base(base) is not None:
+            base = alias_base(base)
+        if base in seen or base.op == "placeholder":
+            with sub.inserting_before(None):
+                c = sub.call_function(aten.clone.default, (r,), {"memory_format": torch.contiguous_format})
+            c.meta.update(r.meta)
+            c.meta["val"] = aten.clone.default(r.meta["val"], memory_format=torch.contiguous_format)
+            outs[k] = c
+        else:
+            seen.add(base)
+    sub.output(tuple(outs))
+    sub.eliminate_dead_code()
+    return torch.fx.GraphModule(root, sub)
+
+
+def _writes_between(graph, order, lo, hi, nodes):
+    """Whether an in-place op strictly between positions lo and hi may write a tensor
+    that shares storage with one of ``nodes`` (graph inputs may alias each other at
+    run time: a write to anything viewing an input counts for nodes viewing one)."""
+    from .graph import is_mutating
+    from .mutation import alias_class, written_arg
+
+    classes = [alias_class(x) for x in nodes]
+    from_input = any(y.op == "placeholder" for cls in classes for y in cls)
+    for u in graph.nodes:
+        if not (lo < order[u] < hi) or not is_mutating(u) or u.target is aten.detach_.default:
+            continue
+        w = written_arg(u)
+        if not isinstance(w, Node):
+            return True
+        wcls = alias_class(w)
+        if any(wcls & cls for cls in classes):
+            return True
+        if from_input and any(y.op == "placeholder" for y in wcls):
+            return True
+    return False
+
+
+def merge_guards(gm: torch.fx.GraphModule, fake_mode=None) -> int:
+    """Puts the guarded sites that share a predicate node under one torch.cond (inference
+    graphs only): ``cond(p, (fast_1, ..., fast_n), (slow_1, ..., slow_n))`` computes what
+    the n conds computed, whichever branch runs, with one predicate read (.item()) and
+    one subgraph call instead of n.  The merged cond sits where the first one was; a site
+    joins only when its operands exist there and no in-place op between the two may
+    change them.  Then every operand that only the cond reads (a mask the slow branches
+    share, fla's chunked L_mask) is computed inside the branches, not before them: when
+    the fast branch runs, it is not computed at all.  Returns the number of conds removed."""
+    graph = gm.graph
+    conds = guarded_sites(gm)
+    if len(conds) < 2:
+        return 0
+    fake_mode = fake_mode if fake_mode is not None else fake_mode_of(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def trains(c):
+        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in c.meta.get("val", ()))
+
+    groups, open_group = [], {}
+    for c in conds:
+        if trains(c) or any(u.target is not operator.getitem for u in c.users):
+            continue
+        pred, ops = c.args[0], list(c.args[3])
+        g = open_group.get(pred)
+        if g is not None:
+            c0 = g[0]
+            if all(order[x] < order[c0] for x in ops) and not _writes_between(graph, order, order[c0], order[c], ops):
+                g.append(c)
+                continue
+        open_group[pred] = [c]
+        groups.append(open_group[pred])
+    removed = 0
+    for g in groups:
+        if len(g) < 2:
+            continue
+        removed += _merge(gm, g, order, fake_mode)
+    if removed:
+        graph.lint()
+        gm.recompile()
+    return removed
+
+
+def _merge(gm, group, order, fake_mode):
+    graph = gm.graph
+    c0, members = group[0], set(group)
+    operands = {x for c in group for x in c.args[3]}
+    # operands only the group reads, and views / pointwise ops of them: computed inside
+    # sunk: read by the group only (removed from the main graph); pulled: views and
+    # pointwise ops (as guard() does: computed in the branches, kept where read outside)
+    sunk, pulled = set(), set()
+    changed = True
+    while changed:
+        changed = False
+        for x in sorted(operands | pulled, key=order.__getitem__, reverse=True):
+            if x in sunk or not _movable(x):
+                continue
+            for u in list(x.users):  # a dead view the guard copied into a branch
+                if not u.users and u not in members and _movable(u):
+                    graph.erase_node(u)
+            if all(u in members or u in sunk for u in x.users):
+                pulled.discard(x)
+                sunk.add(x)
+            elif x in operands and _pullable(x):
+                pulled.add(x)
+            else:
+                continue
+            operands.discard(x)
+            operands.update(a for a in x.all_input_nodes if a not in sunk and a not in pulled)
+            changed = True
+    copied = sunk | pulled
+    if copied:
+        lo = min(order[x] for x in copied)
+        reads = [a for x in copied for a in x.all_input_nodes if a not in copied]
+        if _writes_between(graph, order, lo, order[group[-1]], reads + list(copied)):
+            operands = {x for c in group for x in c.args[3]}
+            copied, sunk = set(), set()
+    for x in operands:
+        if not isinstance(_val(x), (torch.Tensor, torch.SymInt, int)):
+            return 0
+    operands = sorted(operands, key=order.__getitem__)
+    branches = []
+    for idx in (1, 2):
+        subs = [getattr(gm, c.args[idx].target) for c in group]
+        branches.append(_merged_branch(gm, subs, [list(c.args[3]) for c in group], operands, copied, order))
+    i = _unique_index(gm)
+    names = (f"leet_fast_{i}", f"leet_slow_{i}")
+    for name, branch in zip(names, branches):
+        gm.register_module(name, branch)
+    stack_trace = c0.meta.get("stack_trace")
+    with graph.inserting_before(c0):
+        attrs = [graph.get_attr(name) for name in names]
+        m = graph.call_function(torch.ops.higher_order.cond, (c0.args[0], attrs[0], attrs[1], tuple(operands)))
+    for n in (*attrs, m):
+        n.meta["stack_trace"] = stack_trace
+    m.meta["val"] = tuple(v for c in group for v in c.meta["val"])
+    offset = 0
+    last = m
+    for c in group:
+        for u in list(c.users):
+            with graph.inserting_after(last):
+                r = graph.call_function(operator.getitem, (m, offset + u.args[1]))
+            r.meta.update(u.meta)
+            u.replace_all_uses_with(r)
+            graph.erase_node(u)
+            last = r
+        offset += len(c.meta["val"])
+        old = [c.args[1], c.args[2]]
+        graph.erase_node(c)
+        for a in old:
+            if not a.users:
+                target = a.target
+                graph.erase_node(a)
+                gm.delete_submodule(target)
+    # the copied nodes nothing outside reads any more
+    dead = set(sunk)
+    changed = True
+    while changed:
+        changed = False
+        for x in list(dead):
+            if any(u not in dead for u in x.users):
+                dead.discard(x)
+                changed = True
+    for x in sorted(dead, key=order.__getitem__, reverse=True):
+        graph.erase_node(x)
+    return len(group) - 1

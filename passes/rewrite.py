@@ -40,6 +40,7 @@ class Builder:
         self.sources = [(q, rq), (k, rk), (match.v, match.v_roles)]
         self.emitted = []
         self.row_sums = {}  # (RRowSum, dims) -> node
+        self.sel_index = None  # chunk-batched call (_chunk_batched): Sel(index) dims become role "n"
 
     # -- emission
     def emit(self, target, *args, **kwargs):
@@ -95,6 +96,7 @@ class Builder:
         """x with dims in the order of ``want`` (missing roles as size-1 dims)."""
         from .interpreter import Sel
 
+        roles = ["n" if isinstance(r, Sel) and r.index == self.sel_index else r for r in roles]
         for d in reversed([d for d, r in enumerate(roles) if isinstance(r, Sel)]):
             x = self.emit(aten.select.int, x, d, roles[d].index)  # the index the proof read
         roles = [r for r in roles if not isinstance(r, Sel)]
@@ -262,19 +264,39 @@ class Builder:
         return self.emit(aten._to_copy.default, x, dtype=dtype)
 
 
-def build(gm, match, emitted, order=None, fake_mode=None):
+def build(gm, match, emitted, order=None, fake_mode=None, checks=None):
     """Inserts the operator call for ``match`` (guarded when the proof assumed facts
     about values) and redirects the users of the site's output.  Returns
-    (scale, preconditions as text)."""
+    (scale, preconditions as text).
+
+    ``checks`` (a dict kept by the caller for one graph) shares run-time checks between
+    sites: a check another site already emitted (earlier in the graph) is reused, so
+    sites with the same precondition get the same predicate node (guard.merge_guards
+    then puts them under one torch.cond)."""
     import leet_compile.ops  # noqa: F401  (registers torch.ops.leet)
 
     b = Builder(gm, match, fake_mode)
     b.emitted = emitted
+    b.checks = {} if checks is None else checks
+    b.order = order
     for size, cap in match.length_checks:
         _assert_length(b, size, cap)
     pred, described = _preconditions(b, match)
+    full = _chunk_batched(b, match, order)
     n_pre = len(b.emitted)
-    o, scale = _operator_call(b, match)
+    if full is not None:  # this site's chunk of the call over every chunk
+        # a copy (index_select), not a view: torch.cond's outputs may not alias each other
+        # (several sites' chunks under one cond) nor its operands (the shared call)
+        index = b.emit(aten.full.default, [1], b.sel_index, dtype=torch.int64, device=val(full).device)
+        o = b.emit(aten.squeeze.dims, b.emit(aten.index_select.default, full, 1, index), [1])
+        if b.batch[1] == "bh":  # B' = 1
+            o, dims = b.emit(aten.squeeze.dims, o, [0]), ["bh", "i", "e"]
+        else:
+            dims = ["b", "h", "i", "e"]
+        o, scale = _output(b, match, o, dims), match.decay.m
+        b.sel_index = None
+    else:
+        o, scale = _operator_call(b, match)
     have, want = val(o).shape, val(match.out).shape
     if len(have) != len(want) or not all(statically_known_true(x == y) for x, y in zip(have, want)):
         raise Unproven(f"the mask broadcasts the result to {list(want)}, larger than q, k, v give "
@@ -335,10 +357,54 @@ def _assert_length(b, size, cap):
            f"leet_compile: the rewritten decay attention was proven for sequence lengths up to {cap}")
 
 
+def _shared(b, key, make, reads=()):
+    """The check node for ``key``: one an earlier site emitted (still in the graph, before
+    this site, and no in-place op in between may write what it reads), or ``make()``'s,
+    remembered for the next sites."""
+    from .guard import _writes_between
+
+    def alive(n):
+        return n.graph is b.g and not getattr(n, "_erased", False)
+
+    hit = b.checks.get(key)
+    if hit is not None and b.order is not None:
+        n, first = hit
+        nodes = n if isinstance(n, list) else [n]
+        if all(alive(x) for x in nodes + [first]) and all(b.order[x] < b.order[b.anchor] for x in nodes) and \
+                not _writes_between(b.g, b.order, b.order[first], b.order[b.anchor], list(reads)):
+            return n
+    start = len(b.emitted)
+    n = make()
+    b.checks[key] = (n, b.emitted[start] if len(b.emitted) > start else (n if not isinstance(n, list) else n[0]))
+    return n
+
+
+def _cum_checks(b, fact, bw):
+    """[w * a <= 0 (all), isfinite(w * a) (all)] for the data ``a`` of a segment sum.
+
+    With a constant w, the check reads every element of the data node, not only the
+    ones this site reads (its Sel dims, e.g. fla's chunk i): a stronger check (it
+    implies this site's), and the same node for every site that reads the same data, so
+    that a chunked model's sites share one predicate."""
+    node, roles, _ = fact.key
+    if T.is_number(fact.w):
+        def make():
+            aw = b.emit(aten.mul.Tensor, node, float(fact.w))
+            return [b.all_true(b.emit(aten.le.Scalar, aw, 0)), b.all_true(b.emit(aten.isfinite.default, aw))]
+
+        return _shared(b, ("cum", node, float(fact.w)), make, [node])
+    a = b.materialize(node, roles, bw + ["t"])
+    w = b.coef(fact.w, bw)
+    if not isinstance(w, float):
+        w = b.emit(aten.unsqueeze.default, w, -1)
+    aw = b.emit(aten.mul.Tensor, a, w)
+    return [b.all_true(b.emit(aten.le.Scalar, aw, 0)), b.all_true(b.emit(aten.isfinite.default, aw))]
+
+
 def _preconditions(b, match):
     """(0-d bool node or None, texts): the value facts the proof assumed, as checks."""
     bw = b.batch
-    checks, texts = [], []
+    checks, alls, texts = [], [], []
     assumed = match.facts.assumed
     # c < 0 implies c <= 0: check the stronger fact once
     assumed = {f for f in assumed if not (isinstance(f, T.NonPositive) and T.Negative(f.c) in assumed)}
@@ -360,22 +426,20 @@ def _preconditions(b, match):
                 checks.append(b.emit(aten.gt.Scalar, c, 0))
                 texts.append(f"{T.recipe_str(fact.c)} > 0")
         else:  # NonPositiveCum: w * a <= 0 for the data a of a segment sum
-            node, roles, _ = fact.key
-            a = b.materialize(node, roles, bw + ["t"])
-            w = b.coef(fact.w, bw)
-            if not isinstance(w, float):
-                w = b.emit(aten.unsqueeze.default, w, -1)
-            aw = b.emit(aten.mul.Tensor, a, w)
-            checks.append(b.emit(aten.le.Scalar, aw, 0))
-            checks.append(b.emit(aten.isfinite.default, aw))
+            alls.extend(_cum_checks(b, fact, bw))
+            node = fact.key[0]
             texts.append(f"{T.recipe_str(fact.w)}*{T.root_name(node)} <= 0 and finite")
-    if not checks:
+    alls = [b.all_true(c) for c in checks] + alls
+    if not alls:
         return None, texts
-    pred = None
-    for c in checks:
-        c = b.all_true(c)
-        pred = c if pred is None else b.emit(aten.logical_and.default, pred, c)
-    return pred, texts
+
+    def combine():
+        pred = alls[0]
+        for c in alls[1:]:
+            pred = b.emit(aten.logical_and.default, pred, c)
+        return pred
+
+    return _shared(b, ("and", *alls), combine, [x for c in alls for x in c.all_input_nodes]), texts
 
 
 def _operator_call(b, match):
@@ -387,10 +451,16 @@ def _operator_call(b, match):
     qn, kn, vn = (b.flat(x) for x in (qn, kn, vn))
     op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(scale), None, False, "auto", "auto")
     o = b.emit(operator.getitem, op, 0)
+    return _output(b, match, o), scale
 
-    # back to the layout and dtype of the original output (size-1 batch dims unsqueezed)
+
+def _output(b, match, o, dims=None):
+    """The operator's result o back in the layout and dtype of the original output
+    (size-1 batch dims unsqueezed); ``dims``: o's roles when already known."""
     names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
-    if b.extra:
+    if dims is not None:
+        pass
+    elif b.extra:
         o = b.emit(aten.unflatten.int, o, 0, [b.size_of(r) for r in b.batch[:-1]])
         dims = b.batch + ["i", "e"]
     elif names == ("b", "h"):
@@ -410,4 +480,110 @@ def _operator_call(b, match):
     want_dt = val(match.out).dtype
     if val(o) is not None and val(o).dtype != want_dt:
         o = b.emit(aten._to_copy.default, o, dtype=want_dt)
-    return o, scale
+    return o
+
+
+def _lift(x, roles):
+    """(base, roles) with x = views of ``select(base, d, index)`` (transpose / permute of
+    it): base's roles, Sel(index) at d.  None when x is no such view."""
+    from .interpreter import Sel
+
+    roles = list(roles)
+    while isinstance(x, torch.fx.Node) and x.op == "call_function":
+        t, a = x.target, x.args
+        if t is aten.select.int and isinstance(a[2], int) and len(a) == 3:
+            d = a[1] % (len(roles) + 1)
+            return a[0], tuple(roles[:d] + [Sel(a[2])] + roles[d:])
+        if t is aten.transpose.int and len(a) == 3:
+            d0, d1 = a[1] % len(roles), a[2] % len(roles)
+            roles[d0], roles[d1] = roles[d1], roles[d0]
+        elif t is aten.permute.default and len(a) == 2:
+            new = [None] * len(roles)
+            for k, p in enumerate(a[1]):
+                new[p % len(roles)] = roles[k]
+            roles = new
+        else:
+            return None
+        x = a[0]
+    return None
+
+
+def _chunk_batched(b, match, order):
+    """Chunked models (fla's chunked simple GLA: a Python loop over chunks, unrolled by
+    dynamo) have one site per chunk, each reading chunk i (a select) of the same q, k, v
+    and decays.  In an inference graph, the sites' calls are one call over every chunk
+    (the chunk dim merged into the operator's batch, [B * n, H, C, D]), emitted once and
+    shared: each site selects its chunk of the result.  Each (batch, head) is an
+    independent attention, so chunk i of that call is this site's call.  Returns the
+    shared [B, n, H, C, V] node (b.sel_index set), or None where this does not apply:
+    training graphs (a backward through the whole call whichever branch runs), row
+    sums, per-row scales, other batch layouts, operands not all read at the same index."""
+    from .guard import _requires_grad, _writes_between
+    from .interpreter import Sel
+
+    names = tuple(r for r in match.out_roles if r not in (None, "i", "e"))
+    if (b.batch, names) not in ((["b", "h"], ("b", "h")), (["b", "bh"], ("bh",))) or b.split or \
+            not T.is_number(match.decay.m) or _requires_grad(match.out):
+        return None
+    q, rq, k, rk, _ = match.interp.scores
+    lifted = [_lift(x, r) for x, r in ((q, rq), (k, rk), (match.v, match.v_roles))]
+    if any(x is None for x in lifted):
+        return None
+    roles_all = [r for _, r in lifted] + [r for (_, r, _) in match.decay.cums] + \
+        [r for _, r in T.recipe_nodes(match.decay.coef)]
+    sels = {x for r in roles_all for x in r if isinstance(x, Sel)}
+    if len(sels) != 1 or any(sum(isinstance(x, Sel) for x in r) != 1 for r in roles_all[:3]) or \
+            any(sum(isinstance(x, Sel) for x in r) > 1 for r in roles_all[3:]):
+        return None
+    (sel,) = sels
+    sizes = [shape(n)[list(r).index(sel)] for (n, r) in lifted] + \
+        [shape(n)[list(r).index(sel)] for (n, r, _) in match.decay.cums if sel in r]
+    if not all(statically_known_true(z == sizes[0]) for z in sizes[1:]):
+        return None
+    if sel.index < 0:  # the site's chunk is taken with index_select: indices in [0, n)
+        return None
+
+    def strip(r):
+        return tuple("n" if x == sel else x for x in r)
+
+    try:
+        key = ("chunks", *((n, strip(r)) for n, r in lifted),
+               tuple(sorted(((n, strip(r), d, w) for (n, r, d), w in match.decay.cums.items()), key=repr)),
+               match.decay.coef, float(match.decay.m), val(match.out).dtype)
+        hash(key)
+    except TypeError:
+        return None
+    reads = [n for n, _ in lifted] + [n for (n, _, _) in match.decay.cums] + \
+        [n for n, _ in T.recipe_nodes(match.decay.coef)]
+    hit = b.checks.get(key)
+    if hit is not None:
+        full, first = hit
+        alive = all(x.graph is b.g and not getattr(x, "_erased", False) for x in (full, first))
+        if alive and order is not None and order[full] < order[b.anchor] and \
+                not _writes_between(b.g, order, order[first], order[b.anchor], reads):
+            b.sel_index = sel.index
+            return full
+    saved = b.batch, b.extra, b.sources
+    b.sel_index = sel.index
+    b.batch, b.extra = ["b", "n", b.batch[1]], ["n"]
+    b.sources = [(n, strip(r)) for n, r in lifted]
+    start = len(b.emitted)
+    try:
+        qn, kn, vn = (b.layout(n, r) for n, r in lifted)
+        ld = b.log_decay(match.decay, qn)
+        qn, kn, vn = (b.flat(x) for x in (qn, kn, vn))
+        op = b.emit(torch.ops.leet.decay_attn.default, qn, kn, vn, ld, float(match.decay.m), None, False,
+                    "auto", "auto")
+        o = b.emit(operator.getitem, op, 0)
+        full = b.emit(aten.unflatten.int, o, 0, [b.size_of("b"), b.size_of("n")])
+    except Unproven:  # a layout the batched call cannot take: the per-site call instead
+        for x in reversed(b.emitted[start:]):
+            if not x.users:
+                b.g.erase_node(x)
+        del b.emitted[start:]
+        b.sel_index = None
+        return None
+    finally:
+        b.batch, b.extra, b.sources = saved
+    b.checks[key] = (full, b.emitted[start] if len(b.emitted) > start else full)
+    return full

@@ -244,16 +244,17 @@ def test_chunked_spelling_is_rewritten_and_matches_eager(fn, sites, dynamic):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-def test_chunked_guarded_site_in_dynamic_training_is_left_alone():
+def test_chunked_guarded_site_in_dynamic_training_is_rewritten():
     """A guarded rewrite (run-time sign check, torch.cond) in a training graph whose sizes
-    are T // L expressions: torch.cond's backward cannot merge the strides of such
-    gradients, so the site is left alone with that reason (and the result is eager's)."""
+    are T // L expressions: torch.cond's backward cannot merge the strides of gradients
+    holding Max(1, T // L), so the differentiable operands enter the cond 1-D (guard.py);
+    the site is rewritten and the result and gradients are eager's."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 12, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch._dynamo.reset()
     counters.clear()
     out = torch.compile(ssd_chunks, backend="leet", dynamic=True)(q, k, v)
-    assert counters["leet"]["decay_attn_rewrites"] == 0
+    assert counters["leet"]["decay_attn_rewrites"] == 1
     want = ssd_chunks(q, k, v)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     got = torch.autograd.grad(out.sum(), (q, k, v))
