@@ -43,6 +43,7 @@ struct Head {
   double ah;        // the per-head log decay, clamped (0 when none)
   const T* s0;      // initial state [K, V], or nullptr
   T *out, *state;   // [T, V], [K, V]
+  bool final_state; // whether the state after the last chunk is wanted
 };
 
 // A thread's scratch tiles, reused for every head it computes.
@@ -100,11 +101,6 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
       g_end = w.pw[c];
     }
     cpu::transpose(w.k_t.data(), c, Kc, p.ldk, c, K);
-    for (int64_t x = 0; x < K; ++x) {
-      const T* src = w.k_t.data() + x * c;
-      T* dst = w.k_out.data() + x * c;
-      for (int64_t j = 0; j < c; ++j) dst[j] = src[j] * w.g_out[j];
-    }
     // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i, else 0.
     mm<T>(c, c, K, Qc, p.ldq, w.k_t.data(), c, w.attn.data(), c, false);
     for (int64_t i = 0; i < c; ++i) {
@@ -135,18 +131,28 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
         for (int64_t x = 0; x < K; ++x) dst[x] = src[x] * g;
       }
       mm<T>(c, V, K, w.q_in.data(), K, S, V, Oc, V, true);
-      // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
-      const T g = static_cast<T>(g_end);
-      for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
     }
-    mm<T>(K, V, c, w.k_out.data(), c, Vc, p.ldv, S, V, has_state);
+    // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j (after the last chunk only when
+    // the final state is asked for).
+    if (start + c < T_len || p.final_state) {
+      if (has_state) {
+        const T g = static_cast<T>(g_end);
+        for (int64_t x = 0; x < K * V; ++x) S[x] *= g;
+      }
+      for (int64_t x = 0; x < K; ++x) {
+        const T* src = w.k_t.data() + x * c;
+        T* dst = w.k_out.data() + x * c;
+        for (int64_t j = 0; j < c; ++j) dst[j] = src[j] * w.g_out[j];
+      }
+      mm<T>(K, V, c, w.k_out.data(), c, Vc, p.ldv, S, V, has_state);
+    }
     has_state = true;
   }
 }
 
 template <typename T>
 void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_decay,
-                    const Tensor& s0, double scale_d, Tensor& out, Tensor& state) {
+                    const Tensor& s0, double scale_d, Tensor& out, Tensor& state, bool final_state) {
   const int64_t B = q.size(0), H = q.size(1), T_len = q.size(2), K = q.size(3), V = v.size(3);
   const int64_t C = std::min(kChunk, T_len);
   const double* a = log_decay.defined() ? log_decay.data_ptr<double>() : nullptr;
@@ -166,6 +172,7 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
       p.s0 = s0.defined() ? s0.data_ptr<T>() + bh * K * V : nullptr;
       p.out = out.data_ptr<T>() + bh * T_len * V;
       p.state = state.data_ptr<T>() + bh * K * V;
+      p.final_state = final_state;
       forward_head<T>(p, T_len, K, V, C, scale_d, scratch);
     }
     cpu::release_thread_gemm();
@@ -194,7 +201,7 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
   auto out = new_output({B, H, T, V}, q.options());
   auto state = new_output({B, H, K, V}, q.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "decay_attn_chunked_cpu", [&] {
-    chunked_kernel<scalar_t>(q, k, v, a, s0, scale, out, state);
+    chunked_kernel<scalar_t>(q, k, v, a, s0, scale, out, state, output_final_state);
   });
   return {out.to(v_in.scalar_type()), output_final_state ? state : at::empty({0}, state.options())};
 }
