@@ -1,7 +1,7 @@
 // What the fused CPU chunked kernels (chunked_cpu.cpp, chunked_cpu_lowp.cpp,
-// chunked_cpu_backward.cpp) share: the chunk length, the underflow rule of the
-// cumulative log decay (one definition, so that every kernel computes the same
-// weights), and the small tile operations they all need.
+// chunked_cpu_backward.cpp) and the sequence split (chunked_cpu_split.cpp) share: the
+// chunk length, the underflow rule of the cumulative log decay (one definition, so that
+// every kernel computes the same weights), and the small tile operations they need.
 #pragma once
 
 #include <algorithm>

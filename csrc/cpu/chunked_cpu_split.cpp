@@ -25,6 +25,7 @@
 // "auto" that rule, "0" (or "1") never, N >= 2 always N segments (at most one per chunk),
 // whatever the thread count.
 #include "../decay_attn.h"
+#include "chunk_common.h"
 
 #include <ATen/Parallel.h>
 
@@ -41,10 +42,9 @@ namespace {
 
 using at::Tensor;
 
-// The kernel's chunk length and underflow rule (chunked_cpu.cpp, chunked_cpu_lowp.cpp):
-// segments start on its chunk grid, so every chunk, and every clamp, is the kernel's.
-constexpr int64_t kChunk = 32;
-constexpr double kUnderflow = 800.0;
+// The kernels' chunk length (chunk_common.h): segments start on their chunk grid, so every
+// chunk, and every clamp of the log decay, is the kernel's.
+using cpu::kChunk;
 // The shortest segment the automatic rule makes (docs/methods.md: measured at B = H = 1,
 // K = V = 64, 2 threads).
 constexpr int64_t kMinSegment = 512;
@@ -93,27 +93,14 @@ double segment_decay(const double* a, bool per_head, int64_t H, int64_t T, int64
   const auto rounded = [single](double x) { return single ? static_cast<double>(static_cast<float>(x)) : x; };
   const double tiny = single ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
   const auto row = [tiny](double w) { return std::fabs(w) < tiny ? 0.0 : w; };  // (NaN stays NaN)
-  const double ah = per_head ? (a[bh % H] < -kUnderflow ? -kUnderflow : a[bh % H]) : 0.0;
+  const double ah = per_head ? cpu::clamped_head_decay(a[bh % H]) : 0.0;
+  double L[kChunk];
   double f = 1.0;
   for (int64_t c0 = t0; c0 < t1; c0 += kChunk) {
     const int64_t c = std::min(kChunk, t1 - c0);
-    double L_end;
-    if (per_head) {
-      for (int64_t i = 0; i < c; ++i) W[c0 + i] = row(scale * f * std::exp(ah * (i + 1)));
-      L_end = ah * c;
-    } else {
-      const double* ac = a + bh * T + c0;
-      double positive = 0;
-      for (int64_t i = 0; i < c; ++i) positive += ac[i] > 0 ? ac[i] : 0.0;
-      const double floor = -(kUnderflow + positive);
-      double run = 0;
-      for (int64_t i = 0; i < c; ++i) {
-        run += ac[i] < floor ? floor : ac[i];  // (NaN stays NaN)
-        W[c0 + i] = row(scale * f * std::exp(run));
-      }
-      L_end = run;
-    }
-    f *= rounded(std::exp(L_end));
+    cpu::chunk_log_decay(per_head ? nullptr : a + bh * T + c0, per_head, ah, c, L);
+    for (int64_t i = 0; i < c; ++i) W[c0 + i] = row(scale * f * std::exp(L[i]));
+    f *= rounded(std::exp(L[c - 1]));
   }
   return row(f);  // (the same for the state: G S_in subnormal costs as much)
 }
