@@ -193,8 +193,8 @@ class <lambda>(torch.nn.Module):
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
         all_default_1: "b8[]" = torch.ops.aten.all.default(isfinite_default);  isfinite_default = None
-        logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         all_default_2: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         logical_and_default_1: "b8[]" = torch.ops.aten.logical_and.default(logical_and_default, all_default_2);  logical_and_default = all_default_2 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
@@ -260,8 +260,8 @@ class <lambda>(torch.nn.Module):
         gt_scalar: "b8[1, 4]" = torch.ops.aten.gt.Scalar(unsqueeze_default_1, 0);  unsqueeze_default_1 = None
         all_default: "b8[]" = torch.ops.aten.all.default(le_scalar);  le_scalar = None
         all_default_1: "b8[]" = torch.ops.aten.all.default(isfinite_default);  isfinite_default = None
-        logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         all_default_2: "b8[]" = torch.ops.aten.all.default(gt_scalar);  gt_scalar = None
+        logical_and_default: "b8[]" = torch.ops.aten.logical_and.default(all_default, all_default_1);  all_default = all_default_1 = None
         logical_and_default_1: "b8[]" = torch.ops.aten.logical_and.default(logical_and_default, all_default_2);  logical_and_default = all_default_2 = None
         leet_fast_0 = self.leet_fast_0
         leet_slow_0 = self.leet_slow_0
