@@ -1,6 +1,6 @@
-"""The fused CPU kernel on bf16 / fp16 inputs: the matrix-unit path (csrc/cpu/chunked_cpu_lowp.cpp,
-where the CPU has AMX) and the upcast float32 path (LEET_CPU_BF16=0, and every CPU without
-AMX), each against the float64 reference with the bound "at most twice the error of
+"""The fused CPU kernel on bf16 / fp16 inputs: the bf16 / fp16 units path
+(csrc/cpu/chunked_cpu_lowp.cpp, where the CPU has AMX, or AVX512-BF16 for bf16) and the
+upcast float32 path (LEET_CPU_BF16=0, and every CPU without such units), each against the float64 reference with the bound "at most twice the error of
 PyTorch's own naive computation in that dtype"."""
 import pytest
 import torch
@@ -119,10 +119,10 @@ def test_paths_differ_only_by_rounding():
     assert rel_err(o1, o0.double()) < 2e-2 and rel_err(s1, s0_.double()) < 2e-2
     try:
         with open("/proc/cpuinfo") as f:
-            amx = "amx_bf16" in f.read()
+            flags = f.read().split()
     except OSError:
-        amx = False
-    if amx:  # torch's oneDNN has AMX kernels here: the units path ran (its rounding differs)
+        flags = []
+    if "amx_bf16" in flags or "avx512_bf16" in flags:  # the units path ran (its rounding differs)
         assert not torch.equal(o1, o0)
 
 

@@ -66,6 +66,17 @@ inline bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   return bad == 0;
 }
 
+// Asks for rows x cols of a tile (row stride ld) to be brought into the L2 cache: the next
+// chunk's q, k and v while this one computes (their first reads otherwise stall).
+template <typename T>
+inline void prefetch_tile(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+  }
+}
+
 // dst[x * ldd + r] = src[r * lds + x] for r < rows, x < cols. In 4 x 4 blocks with SSE for
 // float (scalar stores of a transpose were a third of the kernels' non-GEMM time).
 template <typename T>

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -83,6 +84,12 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
     const T* Kc = p.k + start * p.ldk;
     const T* Vc = p.v + start * p.ldv;
     T* Oc = p.out + start * V;
+    if (start + C < T_len) {  // the next chunk's rows, while this one computes
+      const int64_t c_next = std::min(C, T_len - start - C);
+      cpu::prefetch_tile(Qc + C * p.ldq, p.ldq, c_next, K);
+      cpu::prefetch_tile(Kc + C * p.ldk, p.ldk, c_next, K);
+      cpu::prefetch_tile(Vc + C * p.ldv, p.ldv, c_next, V);
+    }
     double g_end;  // exp(L_end): the state's decay over the chunk
     if (per_position) {
       double* L = w.L.data();

@@ -1,4 +1,5 @@
-// The fused CPU chunked kernel for bf16 / fp16 inputs on the CPU's matrix units (AMX):
+// The fused CPU chunked kernel for bf16 / fp16 inputs on the CPU's bf16 / fp16 units
+// (AMX for both, AVX512-BF16 for bf16; small_gemm.h's cpu_has_lowp_units):
 // q, k, v are read as they are (no float32 copies), the four products of each chunk
 // (Q K^T, (A * D) V, Q S, K^T V) run as bf16 x bf16 -> float32 brgemm calls (the
 // products of csrc/cpu/small_gemm.h's mm_vnni), and everything else stays in float32:
@@ -10,8 +11,8 @@
 // error stays within the bound tests/test_cpu_lowp.py checks, twice the error of torch's
 // own ((q @ k^T) * mask) @ v in bf16).
 //
-// Where this path does not apply (other dtypes, mixed dtypes, no AMX kernel in this
-// torch or CPU, or LEET_CPU_BF16=0 in the environment at call time) the caller takes
+// Where this path does not apply (other dtypes, mixed dtypes, no such units in this CPU,
+// no brgemm in this torch or torch.backends.mkldnn off, or LEET_CPU_BF16=0 in the environment at call time) the caller takes
 // the float32 kernel on upcast copies (csrc/cpu/chunked_cpu.cpp).
 #include "../decay_attn.h"
 #include "chunk_common.h"
@@ -28,6 +29,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace leet {
 namespace {
@@ -56,8 +61,8 @@ inline T to_lowp(float f) {
 }
 
 // The per-head loop is compiled for AVX-512 (its scalar parts, packing, conversions and
-// the decay, cost more than the matrix products at these sizes); it only runs where
-// oneDNN has AMX kernels, which implies AVX-512 (lowp_cpu_ok checks it too).
+// the decay, cost more than the matrix products at these sizes); it only runs on CPUs
+// with bf16 / fp16 units, which all have AVX-512 (lowp_cpu_ok checks it too).
 #define LEET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 bool lowp_cpu_ok() {
@@ -134,23 +139,106 @@ LEET_AVX512 void pack_rows_rounded_then_scale(float* src, int64_t k, int64_t n, 
   }
 }
 
+#if defined(__x86_64__)
+// In place: r[i] = column i of the 16 x 16 matrix of 32-bit words whose row j was r[j].
+LEET_AVX512 inline void transpose16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int m = 0; m < 4; ++m) {
+      t[8 * i + m] = _mm512_shuffle_i32x4(r[8 * i + m], r[8 * i + 4 + m], 0x88);
+      t[8 * i + 4 + m] = _mm512_shuffle_i32x4(r[8 * i + m], r[8 * i + 4 + m], 0xdd);
+    }
+  }
+  for (int m = 0; m < 8; ++m) {
+    r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
+    r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
+  }
+}
+
+// 16 floats rounded to bf16 as to_lowp does (nearest even, NaN kept as 0x7fc0).
+LEET_AVX512 inline __m256i round_to_bf16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
 // pack_vnni of K^T for a row-major [c, K] block of keys (row stride ld): the pair
 // (x, x + 1) of column j is one 32-bit word of key row j, so the packing is a transpose
-// of 32-bit words. Key rows are read in order (this is their first read, from memory:
-// sequential reads let the hardware prefetch; measured 25% of the kernel's own time
-// with the loops the other way round), the scattered writes stay in L1.
+// of 32-bit words, in 16 x 16 blocks in registers (the rest word by word). Key rows are
+// read in order (their first read).
 template <typename T>
 LEET_AVX512 void pack_transposed(const T* src, int64_t ld, int64_t c, int64_t K, T* dst) {
   const int64_t ldb = (c + 15) / 16 * 16;  // c <= 32: one panel
+  const int64_t words = K / 2;
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  int64_t jv = 0, xv = 0;  // rows and words done in blocks
+#if defined(__x86_64__)
+  jv = c / 16 * 16, xv = words / 16 * 16;
+  for (int64_t j0 = 0; j0 < jv; j0 += 16) {
+    for (int64_t x0 = 0; x0 < xv; x0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(bits_of(src) + (j0 + i) * ld + 2 * x0);
+      transpose16x16_words(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (x0 + i) * ldb + j0, r[i]);
+    }
+  }
+#endif
   for (int64_t j = 0; j < c; ++j) {
     const uint16_t* row = bits_of(src) + j * ld;
-    for (int64_t x = 0; x + 1 < K; x += 2) {
+    for (int64_t x = j < jv ? xv : 0; x < words; ++x) {
       uint32_t word;
-      std::memcpy(&word, row + x, sizeof(word));
-      out[(x / 2) * ldb + j] = word;
+      std::memcpy(&word, row + 2 * x, sizeof(word));
+      out[x * ldb + j] = word;
     }
-    if (K % 2) out[(K / 2) * ldb + j] = row[K - 1];  // odd K: a zero padding row
+    if (K % 2) out[words * ldb + j] = row[K - 1];  // odd K: a zero padding row
+  }
+}
+
+// k_out[x, j] = g[j] k_j[x] rounded ([K, c], row stride ce): the decayed keys as the A
+// operand of the state update, read from K^T as pack_transposed left it in k_p (words
+// (k_j[2x'], k_j[2x' + 1]) in row x'), so that the keys are not read again.
+template <typename T>
+LEET_AVX512 void decayed_keys_transposed(const T* k_p, int64_t c, int64_t K, const float* g, T* k_out, int64_t ce) {
+  const int64_t ldb = (c + 15) / 16 * 16;
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(k_p);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+#if defined(__x86_64__)
+    for (int64_t j0 = 0; j0 < c; j0 += 16) {
+      const __mmask16 m = c - j0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (c - j0)) - 1);
+      const __m512 gj = _mm512_maskz_loadu_ps(m, g + j0);
+      for (int64_t x = 0; x < K; x += 2) {
+        const __m512i word = _mm512_maskz_loadu_epi32(m, w + (x / 2) * ldb + j0);
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(word, 16));
+        _mm256_mask_storeu_epi16(bits_of(k_out) + x * ce + j0, m, round_to_bf16(_mm512_mul_ps(lo, gj)));
+        if (x + 1 < K) {
+          const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(word, _mm512_set1_epi32(int(0xffff0000u))));
+          _mm256_mask_storeu_epi16(bits_of(k_out) + (x + 1) * ce + j0, m, round_to_bf16(_mm512_mul_ps(hi, gj)));
+        }
+      }
+    }
+    return;
+#endif
+  }
+  for (int64_t x = 0; x < K; ++x) {
+    for (int64_t j = 0; j < c; ++j) {
+      const uint16_t half = static_cast<uint16_t>(w[(x / 2) * ldb + j] >> (16 * (x % 2)));
+      k_out[x * ce + j] = to_lowp<T>(g[j] * static_cast<float>(T(half, T::from_bits())));
+    }
   }
 }
 
@@ -185,12 +273,13 @@ struct Tiles {
   // even), attn_lp = rounded A * D [c, even(c)], k_out = (exp(L_end - L_j) k_j)^T
   // [K, even(c)]; their padding columns are zero.
   std::vector<T> q_pad, attn_lp, k_out;
-  std::vector<float> attn, o_acc, qs, decay, g_k;
-  std::vector<double> L;  // cumulative log decay inside the chunk
+  // g_k[j] = exp(L_end - L_j), g_in[i] = scale exp(L_i).
+  std::vector<float> attn, o_acc, qs, decay, g_k, g_in;
+  std::vector<double> L, pw;  // the chunk's cumulative log decay; pw[d] = exp(ah d)
   explicit Tiles(const Problem<T>& p)
       : k_p(vnni_size(p.K, p.C)), v_p(vnni_size(p.C, p.V)), s_p(vnni_size(p.K, p.V)),
         q_pad(p.K % 2 ? p.C * even(p.K) : 0, T(0)), attn_lp(p.C * even(p.C), T(0)), k_out(p.K * even(p.C), T(0)),
-        attn(p.C * p.C), o_acc(p.C * p.V), qs(p.C * p.V), decay(p.C * p.C), g_k(p.C), L(p.C) {}
+        attn(p.C * p.C), o_acc(p.C * p.V), qs(p.C * p.V), decay(p.C * p.C), g_k(p.C), g_in(p.C), L(p.C), pw(p.C + 1) {}
 };
 
 template <typename T>
@@ -209,16 +298,19 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
   T *k_p = t.k_p.data(), *v_p = t.v_p.data(), *s_p = t.s_p.data();
   T *q_pad = t.q_pad.data(), *attn_lp = t.attn_lp.data(), *k_out = t.k_out.data();
   float *attn = t.attn.data(), *o_acc = t.o_acc.data(), *qs = t.qs.data(), *decay = t.decay.data();
-  float* g_k = t.g_k.data();  // exp(L_end - L_j)
-  double* L = t.L.data();
+  float *g_k = t.g_k.data(), *g_in = t.g_in.data();
+  double *L = t.L.data(), *pw = t.pw.data();
   bool has_state = p.s0 != nullptr;
   if (has_state) std::copy_n(p.s0 + bh * K * V, K * V, S);
   // Per-head (or no) decay: scale * D[i, j] depends on i - j only (chunked_cpu.cpp).
   const double ah = !a ? 0.0 : cpu::clamped_head_decay(a[h]);
-  if (!a || per_head) {
+  // Its powers, once per head: no exp per chunk (as in chunked_cpu.cpp).
+  const bool per_position = a && !per_head;
+  if (!per_position) {
+    for (int64_t d = 0; d <= C; ++d) pw[d] = std::exp(ah * d);
     for (int64_t i = 0; i < C; ++i) {
       for (int64_t j = 0; j < C; ++j) {
-        decay[i * C + j] = j <= i ? static_cast<float>(scale_d * std::exp(ah * (i - j))) : 0.0f;
+        decay[i * C + j] = j <= i ? static_cast<float>(scale_d * pw[i - j]) : 0.0f;
       }
     }
   }
@@ -228,8 +320,28 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     const T* Kc = Kp + start * ldk;
     const T* Vc = Vp + start * ldv;
     T* Oc = O + start * V;
+    if (start + C < T_len) {  // the next chunk's rows, while this one computes
+      const int64_t c_next = std::min(C, T_len - start - C);
+      cpu::prefetch_tile(Qc + C * ldq, ldq, c_next, K);
+      cpu::prefetch_tile(Kc + C * ldk, ldk, c_next, K);
+      cpu::prefetch_tile(Vc + C * ldv, ldv, c_next, V);
+    }
     cpu::chunk_log_decay(a && !per_head ? a + bh * T_len + start : nullptr, per_head, ah, c, L);
     const double L_end = L[c - 1];
+    double g_end;  // exp(L_end): the state's decay over the chunk
+    if (per_position) {
+      for (int64_t i = 0; i < c; ++i) {
+        g_in[i] = static_cast<float>(scale_d * std::exp(L[i]));
+        g_k[i] = static_cast<float>(std::exp(L_end - L[i]));
+      }
+      g_end = std::exp(L_end);
+    } else {
+      for (int64_t i = 0; i < c; ++i) {
+        g_in[i] = static_cast<float>(scale_d * pw[i + 1]);
+        g_k[i] = static_cast<float>(pw[c - 1 - i]);
+      }
+      g_end = pw[c];
+    }
     // Q as brgemm's A: in place, or padded with a zero column for an odd K.
     const T* Qa = Qc;
     int64_t lda = ldq;
@@ -244,7 +356,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     for (int64_t i = 0; i < c; ++i) {
       float* row = attn + i * c;
       T* row_lp = attn_lp + i * Ce;
-      if (a && !per_head) {
+      if (per_position) {
         for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<float>(scale_d * std::exp(L[i] - L[j]));
       } else {
         const float* d = decay + i * C;
@@ -275,21 +387,17 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
     // the float32 product rather than rounded into q.
     if (has_state) {
       // (S is scaled by exp(L_end) for the update below in the same pass)
-      pack_rows_rounded_then_scale(S, K, V, s_p, static_cast<float>(std::exp(L_end)));
+      pack_rows_rounded_then_scale(S, K, V, s_p, static_cast<float>(g_end));
       mm_vnni<T>(c, V, K, Qa, lda, s_p, qs, V, false);
       for (int64_t i = 0; i < c; ++i) {
-        const float g = static_cast<float>(scale_d * std::exp(L[i]));
+        const float g = g_in[i];
         for (int64_t y = 0; y < V; ++y) o_acc[i * V + y] += g * qs[i * V + y];
       }
     }
     for (int64_t x = 0; x < c * V; ++x) Oc[x] = to_lowp<T>(o_acc[x]);
     // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j.
     // (S *= exp(L_end) happened in pack_rows_rounded_then_scale)
-    for (int64_t j = 0; j < c; ++j) g_k[j] = static_cast<float>(std::exp(L_end - L[j]));
-    for (int64_t x = 0; x < K; ++x) {
-      T* row = k_out + x * Ce;
-      for (int64_t j = 0; j < c; ++j) row[j] = to_lowp<T>(g_k[j] * static_cast<float>(Kc[j * ldk + x]));
-    }
+    decayed_keys_transposed(k_p, c, K, g_k, k_out, Ce);
     for (int64_t x = 0; x < K && c % 2; ++x) k_out[x * Ce + c] = T(0);
     mm_vnni<T>(K, V, c, k_out, Ce, v_p, S, V, has_state);
     has_state = true;

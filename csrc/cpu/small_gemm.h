@@ -104,13 +104,14 @@ inline void release_thread_gemm() {
 
 // ---------------------------------------------------------------- bf16 / fp16 products
 //
-// oneDNN's AMX kernels read B in the VNNI-2 layout: rows in pairs, element (r, j) of a
-// row-major B[k, n] at ((r / 2) * ldb + j) * 2 + r % 2, where the reduction length k is
-// padded to even with a zero row (A gets a matching zero column) and ldb is the panel
-// width rounded up to 16 (torch's pack builds only ldb 16, 32, 48 or 64, so columns go
-// in panels of at most 64). The kernels write that layout themselves (pack_vnni), fused
-// with the transposes, conversions and scalings they need anyway; lowp_usable checks
-// once that it is exactly what at::native::cpublas::pack produces.
+// oneDNN's bf16 / fp16 kernels (AMX, AVX512-BF16) read B in the VNNI-2 layout: rows in
+// pairs, element (r, j) of a row-major B[k, n] at ((r / 2) * ldb + j) * 2 + r % 2, where
+// the reduction length k is padded to even with a zero row (A gets a matching zero
+// column) and ldb is the panel width rounded up to 16 (torch's pack builds only ldb 16,
+// 32, 48 or 64, so columns go in panels of at most 64). The kernels write that layout
+// themselves (pack_vnni), fused with the transposes, conversions and scalings they need
+// anyway; lowp_usable checks once that it is exactly what at::native::cpublas::pack
+// produces where torch packs (AMX).
 
 constexpr int64_t kVnniPanel = 64;
 
@@ -158,19 +159,35 @@ inline void mm_vnni(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, co
   }
 }
 
+// Whether this CPU has units for T that oneDNN's brgemm uses and that beat the upcast
+// float32 path: AMX or AVX512-BF16 for bf16 (measured: AMX Xeon, AVX512-BF16 EPYC); for
+// fp16 only AMX-FP16 (torch's could_pack), as oneDNN's fp16 kernels elsewhere are unmeasured.
+template <typename T>
+inline bool cpu_has_lowp_units() {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+    return false;
+#endif
+  } else {
+    return &at::native::cpublas::could_pack != nullptr && at::native::cpublas::could_pack(at::kHalf);
+  }
+}
+
 // Whether this torch and this CPU run bf16 (T = at::BFloat16) or fp16 (at::Half)
-// products on the matrix units through mm_vnni: the symbols exist (weak), oneDNN has a
-// packed-B kernel for the type here (could_pack: AMX; without it the upcast float
-// path is faster than oneDNN's fallback), pack_vnni's layout equals torch's pack, and
-// a product comes out right. could_pack at every call (it turns false with
-// torch.backends.mkldnn.enabled = False, and brgemm then refuses packed B), the rest once.
+// products on the CPU's bf16 / fp16 units through mm_vnni: the symbols exist (weak), the
+// CPU has the units (cpu_has_lowp_units), pack_vnni's layout equals torch's pack where
+// torch can pack (AMX), and a product comes out right. oneDNN's brgemm takes packed B
+// on any AVX-512 CPU, but only while torch.backends.mkldnn is enabled (it raises
+// otherwise): that is checked at every call, the rest once.
 template <typename T>
 inline bool lowp_usable() {
   namespace cb = at::native::cpublas;
   constexpr auto dt = c10::CppTypeToScalarType<T>::value;
-  if (&cb::could_pack == nullptr || !cb::could_pack(dt)) return false;
+  if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool usable = [] {
-    if (&cb::pack == nullptr || &cb::brgemm_release == nullptr) return false;
+    if (!cpu_has_lowp_units<T>() || &cb::brgemm_release == nullptr) return false;
     if (static_cast<void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const T*, const T*,
                              float*, bool)>(&cb::brgemm) == nullptr) return false;
     try {
@@ -179,9 +196,11 @@ inline bool lowp_usable() {
       for (int64_t i = 0; i < m * k; ++i) A[i] = T(static_cast<float>(i % 5) - 2.0f);
       for (int64_t i = 0; i < k * n; ++i) B[i] = T(static_cast<float>(i % 7) - 3.0f);
       pack_vnni(k, n, mine, [&](int64_t r, int64_t j) { return B[r * n + j]; });
-      cb::pack(k, n, n, n, dt, dt, B, theirs);
-      for (int64_t i = 0; i < k * n; ++i) {
-        if (static_cast<float>(mine[i]) != static_cast<float>(theirs[i])) return false;
+      if (&cb::could_pack != nullptr && &cb::pack != nullptr && cb::could_pack(dt)) {
+        cb::pack(k, n, n, n, dt, dt, B, theirs);
+        for (int64_t i = 0; i < k * n; ++i) {
+          if (static_cast<float>(mine[i]) != static_cast<float>(theirs[i])) return false;
+        }
       }
       float C[m * n];
       mm_vnni<T>(m, n, k, A, k, mine, C, n, false);
@@ -201,7 +220,7 @@ inline bool lowp_usable() {
   return usable;
 }
 
-// Frees the matrix-unit state (AMX tile configuration) of this thread; call at the end
+// Frees the bf16 / fp16 kernel state (AMX's tile configuration) of this thread; call at the end
 // of each parallel region that used mm_vnni.
 inline void release_thread_gemm_vnni() {
   if (&at::native::cpublas::brgemm_release != nullptr) at::native::cpublas::brgemm_release(true);
