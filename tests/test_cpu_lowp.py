@@ -1,14 +1,15 @@
 """The fused CPU kernel on bf16 / fp16 inputs: the bf16 / fp16 units path
 (csrc/cpu/chunked_cpu_lowp.cpp, where the CPU has AMX, or AVX512-BF16 for bf16) and the
-upcast float32 path (LEET_CPU_BF16=0, and every CPU without such units), each against the float64 reference with the bound "at most twice the error of
-PyTorch's own naive computation in that dtype"."""
+float32 path (csrc/cpu/chunked_cpu.cpp, the inputs converted a chunk at a time: with
+LEET_CPU_BF16=0, and on every CPU without such units), each against the float64 reference
+with the bound "at most twice the error of PyTorch's own naive computation in that dtype"."""
 import pytest
 import torch
 
 from leet_compile import decay_attn
 from reference import decay_attn_reference, make_inputs, rel_err
 
-PATHS = ["units", "upcast"]  # LEET_CPU_BF16 unset / "0"
+PATHS = ["units", "upcast"]  # LEET_CPU_BF16 unset / "0" (upcast: float32 products)
 DTYPES = [torch.bfloat16, torch.float16]
 
 

@@ -66,6 +66,15 @@ inline bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   return bad == 0;
 }
 
+// The bits of f rounded to bf16 (nearest even, NaN kept as a quiet NaN), in integer
+// operations the compiler vectorizes (c10's conversion does not).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
 // Asks for rows x cols of a tile (row stride ld) to be brought into the L2 cache: the next
 // chunk's q, k and v while this one computes (their first reads otherwise stall).
 template <typename T>

@@ -4,7 +4,9 @@
 // thread. The products run on oneDNN's small-matrix kernel (brgemm) where torch has
 // it, about 25% faster per call than BLAS at these sizes, else on BLAS.
 // Inputs are read in place when their last dim is contiguous (permuted views of a
-// fused qkv projection included); anything else is copied once.
+// fused qkv projection included); anything else is copied once. bf16 / fp16 inputs
+// (where chunked_cpu_lowp.cpp does not take them) are converted to float32 a chunk at a
+// time and the output back, with no full-size float32 copies.
 #include "../backends.h"
 #include "chunk_common.h"
 #include "small_gemm.h"
@@ -18,6 +20,10 @@
 #include <cstdlib>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace leet {
 namespace {
@@ -35,35 +41,90 @@ Tensor gemm_ready(const Tensor& x, at::ScalarType dt) {
 
 int64_t row_stride(const Tensor& x) { return x.size(2) == 1 ? x.size(3) : x.stride(2); }
 
-// One (b, h) of the problem: inputs rows of ld* elements, outputs contiguous.
-template <typename T>
+// One (b, h) of the problem: inputs rows of ld* elements (of In: T, or bf16 / fp16
+// converted a chunk at a time), outputs contiguous.
+template <typename T, typename In>
 struct Head {
-  const T *q, *k, *v;
+  const In *q, *k, *v;
   int64_t ldq, ldk, ldv;
   const double* a;  // this head's log decays ([T]: per position), or nullptr
   double ah;        // the per-head log decay, clamped (0 when none)
   const T* s0;      // initial state [K, V], or nullptr
-  T *out, *state;   // [T, V], [K, V]
+  In* out;          // [T, V]
+  T* state;         // [K, V]
   bool final_state; // whether the state after the last chunk is wanted
 };
 
 // A thread's scratch tiles, reused for every head it computes.
 template <typename T>
 struct Scratch {
-  explicit Scratch(int64_t C, int64_t K)
-      : attn(C * C), q_in(C * K), k_t(K * C), k_out(K * C), decay(C * C), g_out(C), g_in(C), pw(C + 1),
-        L(C) {}
+  Scratch(int64_t C, int64_t K, int64_t V, bool convert)
+      : attn(C * C), q_in(C * K), k_t(K * C), k_out(K * C), decay(C * C), g_out(C), g_in(C),
+        q_f(convert ? C * K : 0), k_f(convert ? C * K : 0), v_f(convert ? C * V : 0), o_f(convert ? C * V : 0),
+        pw(C + 1), L(C) {}
   // k_t: the chunk's K^T; k_out: (exp(L_end - L_j) k_j)^T, both [K, c]; decay: scale * D
   // for per-head (or no) decay; g_out[j] = exp(L_end - L_j), g_in[i] = scale exp(L_i).
   std::vector<T> attn, q_in, k_t, k_out, decay, g_out, g_in;
+  // The chunk's q, k, v and o as T when the inputs are bf16 / fp16 (else unused).
+  std::vector<T> q_f, k_f, v_f, o_f;
   // pw[d] = exp(ah d); L the chunk's cumulative log decay.
   std::vector<double> pw, L;
 };
 
+// bf16 <-> float32 a chunk at a time: a shift; rounding to nearest even, NaN kept.
+inline void load_tile(float* dst, const at::BFloat16* src, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(src + r * ld);
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst + r * cols);
+    for (int64_t x = 0; x < cols; ++x) out[x] = static_cast<uint32_t>(row[x]) << 16;
+  }
+}
+
+// fp16: the F16C instructions (8 at a time; c10's scalar conversions were slower than
+// whole-tensor copies), the rest of a row with c10's. Only where the CPU has F16C.
+#if defined(__x86_64__)
+#define LEET_F16C __attribute__((target("avx,f16c")))
+bool cpu_has_f16c() { return __builtin_cpu_supports("f16c"); }
+#else
+#define LEET_F16C
+bool cpu_has_f16c() { return false; }
+#endif
+
+LEET_F16C void load_tile(float* dst, const at::Half* src, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::Half* row = src + r * ld;
+    float* out = dst + r * cols;
+    int64_t x = 0;
+#if defined(__x86_64__)
+    for (; x + 8 <= cols; x += 8) {
+      _mm256_storeu_ps(out + x, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + x))));
+    }
+#endif
+    for (; x < cols; ++x) out[x] = static_cast<float>(row[x]);
+  }
+}
+
+LEET_F16C void store_tile(at::Half* dst, const float* src, int64_t n) {
+  int64_t x = 0;
+#if defined(__x86_64__)
+  for (; x + 8 <= n; x += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + x), _mm256_cvtps_ph(_mm256_loadu_ps(src + x), _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; x < n; ++x) dst[x] = at::Half(src[x]);
+}
+
+inline void store_tile(at::BFloat16* dst, const float* src, int64_t n) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t x = 0; x < n; ++x) out[x] = cpu::bf16_bits(src[x]);
+}
+
 // The chunk loop of one head. Per chunk of c <= C positions, four small products on
 // cache-resident tiles (Q K^T, (A * D) V, Q S, K^T V); the state never leaves the thread.
-template <typename T>
-void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t C, double scale_d, Scratch<T>& w) {
+template <typename T, typename In>
+void forward_head(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int64_t C, double scale_d,
+                  Scratch<T>& w) {
+  constexpr bool convert = !std::is_same_v<T, In>;
   const bool per_position = p.a != nullptr;
   T* S = p.state;
   bool has_state = p.s0 != nullptr;
@@ -80,15 +141,26 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
   }
   for (int64_t start = 0; start < T_len; start += C) {
     const int64_t c = std::min(C, T_len - start);
-    const T* Qc = p.q + start * p.ldq;
-    const T* Kc = p.k + start * p.ldk;
-    const T* Vc = p.v + start * p.ldv;
-    T* Oc = p.out + start * V;
+    const In* Qi = p.q + start * p.ldq;
+    const In* Ki = p.k + start * p.ldk;
+    const In* Vi = p.v + start * p.ldv;
     if (start + C < T_len) {  // the next chunk's rows, while this one computes
       const int64_t c_next = std::min(C, T_len - start - C);
-      cpu::prefetch_tile(Qc + C * p.ldq, p.ldq, c_next, K);
-      cpu::prefetch_tile(Kc + C * p.ldk, p.ldk, c_next, K);
-      cpu::prefetch_tile(Vc + C * p.ldv, p.ldv, c_next, V);
+      cpu::prefetch_tile(Qi + C * p.ldq, p.ldq, c_next, K);
+      cpu::prefetch_tile(Ki + C * p.ldk, p.ldk, c_next, K);
+      cpu::prefetch_tile(Vi + C * p.ldv, p.ldv, c_next, V);
+    }
+    const T *Qc, *Kc, *Vc;
+    int64_t ldq = p.ldq, ldk = p.ldk, ldv = p.ldv;
+    T* Oc;
+    if constexpr (convert) {
+      load_tile(w.q_f.data(), Qi, ldq, c, K);
+      load_tile(w.k_f.data(), Ki, ldk, c, K);
+      load_tile(w.v_f.data(), Vi, ldv, c, V);
+      Qc = w.q_f.data(), Kc = w.k_f.data(), Vc = w.v_f.data(), Oc = w.o_f.data();
+      ldq = K, ldk = K, ldv = V;
+    } else {
+      Qc = Qi, Kc = Ki, Vc = Vi, Oc = p.out + start * V;
     }
     double g_end;  // exp(L_end): the state's decay over the chunk
     if (per_position) {
@@ -107,9 +179,9 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
       }
       g_end = w.pw[c];
     }
-    cpu::transpose(w.k_t.data(), c, Kc, p.ldk, c, K);
+    cpu::transpose(w.k_t.data(), c, Kc, ldk, c, K);
     // attn = scale * (Q K^T) * D, D[i, j] = exp(L_i - L_j) for j <= i, else 0.
-    mm<T>(c, c, K, Qc, p.ldq, w.k_t.data(), c, w.attn.data(), c, false);
+    mm<T>(c, c, K, Qc, ldq, w.k_t.data(), c, w.attn.data(), c, false);
     for (int64_t i = 0; i < c; ++i) {
       T* row = w.attn.data() + i * c;
       if (!per_position) {
@@ -124,21 +196,22 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
     }
     // O = attn V. A dense product would give 0 * NaN = NaN in row i for a non-finite
     // value at j > i; a chunk holding one takes the exactly causal row-by-row product.
-    if (cpu::all_finite(Vc, p.ldv, c, V)) {
-      mm<T>(c, V, c, w.attn.data(), c, Vc, p.ldv, Oc, V, false);
+    if (cpu::all_finite(Vc, ldv, c, V)) {
+      mm<T>(c, V, c, w.attn.data(), c, Vc, ldv, Oc, V, false);
     } else {
-      for (int64_t i = 0; i < c; ++i) mm<T>(1, V, i + 1, w.attn.data() + i * c, c, Vc, p.ldv, Oc + i * V, V, false);
+      for (int64_t i = 0; i < c; ++i) mm<T>(1, V, i + 1, w.attn.data() + i * c, c, Vc, ldv, Oc + i * V, V, false);
     }
     // O += scale * exp(L_i) q_i S  (the state entering the chunk).
     if (has_state) {
       for (int64_t i = 0; i < c; ++i) {
         const T g = w.g_in[i];
-        const T* src = Qc + i * p.ldq;
+        const T* src = Qc + i * ldq;
         T* dst = w.q_in.data() + i * K;
         for (int64_t x = 0; x < K; ++x) dst[x] = src[x] * g;
       }
       mm<T>(c, V, K, w.q_in.data(), K, S, V, Oc, V, true);
     }
+    if constexpr (convert) store_tile(p.out + start * V, Oc, c * V);
     // S = exp(L_end) S + sum_j exp(L_end - L_j) k_j^T v_j (after the last chunk only when
     // the final state is asked for).
     if (start + c < T_len || p.final_state) {
@@ -151,13 +224,13 @@ void forward_head(const Head<T>& p, int64_t T_len, int64_t K, int64_t V, int64_t
         T* dst = w.k_out.data() + x * c;
         for (int64_t j = 0; j < c; ++j) dst[j] = src[j] * w.g_out[j];
       }
-      mm<T>(K, V, c, w.k_out.data(), c, Vc, p.ldv, S, V, has_state);
+      mm<T>(K, V, c, w.k_out.data(), c, Vc, ldv, S, V, has_state);
     }
     has_state = true;
   }
 }
 
-template <typename T>
+template <typename T, typename In>
 void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_decay,
                     const Tensor& s0, double scale_d, Tensor& out, Tensor& state, bool final_state) {
   const int64_t B = q.size(0), H = q.size(1), T_len = q.size(2), K = q.size(3), V = v.size(3);
@@ -166,21 +239,21 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   const bool per_head = log_decay.defined() && log_decay.dim() == 1;
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> scratch(C, K);
+    Scratch<T> scratch(C, K, V, !std::is_same_v<T, In>);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      Head<T> p;
-      p.q = q.data_ptr<T>() + b * q.stride(0) + h * q.stride(1);
-      p.k = k.data_ptr<T>() + b * k.stride(0) + h * k.stride(1);
-      p.v = v.data_ptr<T>() + b * v.stride(0) + h * v.stride(1);
+      Head<T, In> p;
+      p.q = q.data_ptr<In>() + b * q.stride(0) + h * q.stride(1);
+      p.k = k.data_ptr<In>() + b * k.stride(0) + h * k.stride(1);
+      p.v = v.data_ptr<In>() + b * v.stride(0) + h * v.stride(1);
       p.ldq = row_stride(q), p.ldk = row_stride(k), p.ldv = row_stride(v);
       p.a = a && !per_head ? a + bh * T_len : nullptr;
       p.ah = a && per_head ? cpu::clamped_head_decay(a[h]) : 0.0;
       p.s0 = s0.defined() ? s0.data_ptr<T>() + bh * K * V : nullptr;
-      p.out = out.data_ptr<T>() + bh * T_len * V;
+      p.out = out.data_ptr<In>() + bh * T_len * V;
       p.state = state.data_ptr<T>() + bh * K * V;
       p.final_state = final_state;
-      forward_head<T>(p, T_len, K, V, C, scale_d, scratch);
+      forward_head<T, In>(p, T_len, K, V, C, scale_d, scratch);
     }
     cpu::release_thread_gemm();
   });
@@ -201,15 +274,27 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
     return *lowp;
   }
   const auto dt = compute_dtype(q_in, k_in, v_in);
-  auto q = gemm_ready(q_in, dt), k = gemm_ready(k_in, dt), v = gemm_ready(v_in, dt);
+  // bf16 or fp16 q, k, v (one dtype) are read as they are and converted a chunk at a time
+  // (no float32 copies of the inputs or the output); other dtypes are copied to dt once.
+  const auto half = q_in.scalar_type();
+  const bool convert = (half == at::kBFloat16 || (half == at::kHalf && cpu_has_f16c())) && k_in.scalar_type() == half &&
+                       v_in.scalar_type() == half && dt == at::kFloat;
+  const auto in_dt = convert ? half : dt;
+  auto q = gemm_ready(q_in, in_dt), k = gemm_ready(k_in, in_dt), v = gemm_ready(v_in, in_dt);
   Tensor a = log_decay.has_value() ? log_decay->to(at::kDouble).contiguous() : Tensor();
   Tensor s0 = initial_state.has_value() ? initial_state->to(dt).contiguous() : Tensor();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3);
   auto out = new_output({B, H, T, V}, q.options());
-  auto state = new_output({B, H, K, V}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "decay_attn_chunked_cpu", [&] {
-    chunked_kernel<scalar_t>(q, k, v, a, s0, scale, out, state, output_final_state);
-  });
+  auto state = new_output({B, H, K, V}, q.options().dtype(dt));
+  if (convert && half == at::kBFloat16) {
+    chunked_kernel<float, at::BFloat16>(q, k, v, a, s0, scale, out, state, output_final_state);
+  } else if (convert) {
+    chunked_kernel<float, at::Half>(q, k, v, a, s0, scale, out, state, output_final_state);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(dt, "decay_attn_chunked_cpu", [&] {
+      chunked_kernel<scalar_t, scalar_t>(q, k, v, a, s0, scale, out, state, output_final_state);
+    });
+  }
   return {out.to(v_in.scalar_type()), output_final_state ? state : at::empty({0}, state.options())};
 }
 

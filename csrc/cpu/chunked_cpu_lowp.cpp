@@ -12,8 +12,9 @@
 // own ((q @ k^T) * mask) @ v in bf16).
 //
 // Where this path does not apply (other dtypes, mixed dtypes, no such units in this CPU,
-// no brgemm in this torch or torch.backends.mkldnn off, or LEET_CPU_BF16=0 in the environment at call time) the caller takes
-// the float32 kernel on upcast copies (csrc/cpu/chunked_cpu.cpp).
+// no brgemm in this torch or torch.backends.mkldnn off, or LEET_CPU_BF16=0 in the
+// environment at call time) the caller takes the float32 kernel (csrc/cpu/chunked_cpu.cpp),
+// which converts bf16 / fp16 inputs a chunk at a time.
 #include "../decay_attn.h"
 #include "chunk_common.h"
 #include "small_gemm.h"
@@ -45,16 +46,12 @@ using cpu::vnni_size;
 // Same chunk length and underflow rule as the float32 kernel (chunk_common.h).
 using cpu::kChunk;
 
-// float -> bf16 rounded to nearest even, NaN kept, written with integer operations the
-// compiler vectorizes (c10's conversion does not vectorize); fp16 takes c10's.
+// float -> bf16 rounded to nearest even, NaN kept (chunk_common.h's bf16_bits); fp16
+// takes c10's.
 template <typename T>
 inline T to_lowp(float f) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return at::BFloat16((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : static_cast<uint16_t>(rounded),
-                        at::BFloat16::from_bits());
+    return at::BFloat16(cpu::bf16_bits(f), at::BFloat16::from_bits());
   } else {
     return T(f);
   }
