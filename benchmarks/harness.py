@@ -397,7 +397,7 @@ def tables(s: Suite, results, markdown=False):
                         row.append("–")
                 peak_rows.append(row)
         if peak_rows:
-            note = "GFLOP/s (% of GEMM: the matching dtype's torch.mm rate, measured in this run at the same threads)"
+            note = "GFLOP/s (% of GEMM: the matching dtype's GEMM rate named in each cell, measured in this run at the same threads)"
             if markdown:
                 print(f"\n{note}:\n", file=buf)
                 print("| " + " | ".join(map(str, headers)) + " |", file=buf)

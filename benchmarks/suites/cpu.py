@@ -98,10 +98,11 @@ def chunked_flops(B, H, T, K, V, C=32):
     return B * H * (2 * T * C * (K + V) + 4 * T * K * V)
 
 
-def fwd_bwd(q, k, v, log_decay):
-    """Forward and backward of leet_compile.decay_attn (gradients of q, k, v)."""
+def fwd_bwd(q, k, v, log_decay, grad_o):
+    """Forward and backward of leet_compile.decay_attn (gradients of q, k, v) for a dense
+    output gradient, as in training (.sum().backward() would pass a stride-0 one, read free)."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    leet_compile.decay_attn(q, k, v, log_decay).sum().backward()
+    leet_compile.decay_attn(q, k, v, log_decay).backward(grad_o)
 
 
 def upcast(fn):
@@ -135,8 +136,9 @@ def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
     # Forward + backward: FLOPs counted as 3x the forward's (the backward's products are twice
     # the forward's), an estimate for the % column, not a count of the backward kernel.
     if backward:
-        fns["leet fwd+bwd"] = lambda: fwd_bwd(q, k, v, log_decay)
-        fns["leet fwd+bwd bf16"] = lambda: fwd_bwd(qb, kb, vb, log_decay)
+        grad_o = torch.randn(B, H, T, D, generator=g)
+        fns["leet fwd+bwd"] = lambda: fwd_bwd(q, k, v, log_decay, grad_o)
+        fns["leet fwd+bwd bf16"] = lambda: fwd_bwd(qb, kb, vb, log_decay, grad_o.bfloat16())
     flops = {p: fwd for p in fns if p.startswith("leet decay_attn")}
     flops.update({p: 3 * fwd for p in fns if p.startswith("leet fwd+bwd")})
     (fp32, fp32_by), (bf16, bf16_by) = gemm_rate(torch.float32, gemm_N), gemm_rate(torch.bfloat16, gemm_N)
