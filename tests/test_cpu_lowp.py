@@ -64,9 +64,10 @@ def check(q, k, v, a, s0, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decay", [None, "head", "position"])
 @pytest.mark.parametrize("state", [False, True])
-@pytest.mark.parametrize("T,K,V", [(1, 16, 24), (65, 16, 24), (97, 13, 7), (64, 64, 64), (40, 32, 130)])
+@pytest.mark.parametrize("T,K,V", [(1, 16, 24), (65, 16, 24), (97, 13, 7), (64, 64, 64), (40, 32, 130), (84, 48, 64)])
 def test_error_at_most_twice_naive(path, dtype, decay, state, T, K, V):
-    """Odd sizes, K != V, an odd K (padded reduction), V over one 64-column panel."""
+    """Odd sizes, K != V, an odd K (padded reduction), V over one 64-column panel; K^T packed
+    in 16 x 16 blocks with rows and words left over (T = 84: a last chunk of 20, K = 48)."""
     q, k, v, a, s0 = make_inputs(B=2, H=3, T=T, K=K, V=V, decay=decay, state=state, dtype=dtype)
     check(q, k, v, a, s0, scale=K ** -0.5)
 
