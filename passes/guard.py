@@ -83,16 +83,23 @@ def outline(gm: torch.fx.GraphModule, nodes: list[Node], out: Node, inputs: list
             if a not in node_set and a not in input_set:
                 raise ValueError(f"outline: {n.name} reads {a.name}, which is neither in nodes nor in inputs")
     sub = torch.fx.Graph()
-    env = {}
-    for x in inputs:
-        p = sub.placeholder(x.name)
-        if "val" in x.meta:
-            p.meta["val"] = x.meta["val"]
-        env[x] = p
+    env = _placeholders(sub, inputs)
     for n in ordered:
         env[n] = sub.node_copy(n, env.__getitem__)
     sub.output((env[out],))
     return torch.fx.GraphModule(gm, sub)  # root=gm: copies the attributes get_attr nodes read
+
+
+def _placeholders(sub, nodes):
+    """A placeholder of ``sub`` per node of ``nodes`` (same name, same fake value): the
+    map from each node to its placeholder."""
+    env = {}
+    for x in nodes:
+        p = sub.placeholder(x.name)
+        if "val" in x.meta:
+            p.meta["val"] = x.meta["val"]
+        env[x] = p
+    return env
 
 
 @functools.cache
@@ -587,12 +594,7 @@ def _merged_branch(gm, branches, operand_lists, operands, copied, out_index):
     computed first (in graph order).  Identical pure nodes are computed once."""
     sub = torch.fx.Graph()
     root = {}
-    env = {}
-    for x in operands:
-        p = sub.placeholder(x.name)
-        if "val" in x.meta:
-            p.meta["val"] = x.meta["val"]
-        env[x] = p
+    env = _placeholders(sub, operands)
     cse = {}
     mutating = any(getattr(n, "target", None) is not None and isinstance(n.target, torch._ops.OpOverload)
                    and n.target._schema.is_mutable for br in branches for n in br.graph.nodes)
