@@ -75,14 +75,15 @@ inline uint16_t bf16_bits(float f) {
   return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
 }
 
-// Asks for rows x cols of a tile (row stride ld) to be brought into the L2 cache: the next
-// chunk's q, k and v while this one computes (their first reads otherwise stall).
-template <typename T>
+// Asks for rows x cols of a tile (row stride ld) to be brought into cache (Locality as
+// __builtin_prefetch's: 2 for L2, 3 for L1 too): the next chunk's inputs while this one
+// computes (their first reads otherwise stall).
+template <int Locality = 2, typename T>
 inline void prefetch_tile(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
   for (int64_t r = 0; r < rows; ++r) {
     const char* row = reinterpret_cast<const char*>(p + r * ld);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, Locality);
   }
 }
 

@@ -104,17 +104,8 @@ Tile<T> tile(const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols, T* bu
 // poorly (each chunk is a jump back), and the kernel is otherwise bound by these reads.
 template <typename In>
 void prefetch_rows(const Slice<In>& src, int64_t t0, int64_t rows, int64_t cols) {
-  const int64_t bytes = (src.sx == 1 ? cols : (cols - 1) * src.sx + 1) * static_cast<int64_t>(sizeof(In));
-  for (int64_t r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(src.p + (t0 + r) * src.st);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
-  }
-}
-
-template <typename T>
-void prefetch(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+  const int64_t span = src.sx == 1 ? cols : (cols - 1) * src.sx + 1;  // elements a row covers
+  cpu::prefetch_tile<3>(src.p + t0 * src.st, src.st, rows, span);
 }
 
 // sum_x a[x] b[x] - c[x] d[x] (a vectorized reduction: the order of a float sum is free here).
@@ -251,7 +242,7 @@ void backward_kernel(const Args& g) {
           prefetch_rows(Qs, start - C, C, K);
           prefetch_rows(dOs, start - C, C, V);
           prefetch_rows(Vs, start - C, C, V);
-          prefetch(state.get() + (n - 1) * slot, slot);
+          cpu::prefetch_tile<3>(state.get() + (n - 1) * slot, slot, 1, slot);
         }
         transpose(q_t.data(), c, q, K, c, K);
         transpose(do_t.data(), c, dO, V, c, V);

@@ -323,7 +323,7 @@ LEET_AVX512 void lowp_head(const Problem<T>& p, Tiles<T>& t, int64_t bh) {
       cpu::prefetch_tile(Kc + C * ldk, ldk, c_next, K);
       cpu::prefetch_tile(Vc + C * ldv, ldv, c_next, V);
     }
-    cpu::chunk_log_decay(a && !per_head ? a + bh * T_len + start : nullptr, per_head, ah, c, L);
+    cpu::chunk_log_decay(per_position ? a + bh * T_len + start : nullptr, per_head, ah, c, L);
     const double L_end = L[c - 1];
     double g_end;  // exp(L_end): the state's decay over the chunk
     if (per_position) {
