@@ -159,9 +159,10 @@ inline void mm_vnni(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, co
   }
 }
 
-// Whether this CPU has units for T that oneDNN's brgemm uses and that beat the upcast
-// float32 path: AMX or AVX512-BF16 for bf16 (measured: AMX Xeon, AVX512-BF16 EPYC); for
-// fp16 only AMX-FP16 (torch's could_pack), as oneDNN's fp16 kernels elsewhere are unmeasured.
+// Whether this CPU has units for T that oneDNN's brgemm uses and that beat the float32
+// kernel (chunked_cpu.cpp, converting a chunk at a time): AMX or AVX512-BF16 for bf16
+// (measured: AMX Xeon, AVX512-BF16 EPYC); for fp16 only AMX-FP16 (torch's could_pack), as
+// oneDNN's fp16 kernels elsewhere are unmeasured.
 template <typename T>
 inline bool cpu_has_lowp_units() {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
