@@ -255,6 +255,25 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+# The CPU extensions the kernels choose by (csrc/cpu): vector width, bf16 / fp16 units.
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_features():
+    """Those of CPU_FEATURES /proc/cpuinfo lists, and torch's CPU capability (None where unknown)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return None
+    have = [x for x in CPU_FEATURES if x in flags]
+    return " ".join(have) + f" (torch: {torch.backends.cpu.get_cpu_capability()})"
+
+
 def versions():
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for mod in ("triton", "fla"):
@@ -272,7 +291,8 @@ def versions():
 
 
 def environment(device="cpu"):
-    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    env = {"cpu": cpu_name(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(),
            "platform": platform.platform(), **versions(),
            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -434,9 +454,9 @@ def write_results(s: Suite, env, results, extra, out_dir, basename=None):
     with open(base + ".json", "w") as f:
         json.dump(payload, f, indent=2, default=str)
     lines = [f"# {s.name}: {s.description.splitlines()[0] if s.description else ''}", ""]
-    lines += [f"- {k}: `{env.get(k)}`" for k in ("device", "driver", "cpu", "torch_threads", "allocator", "torch",
-                                                  "cuda", "triton", "fla", "leet-compile", "date", "command")
-              if k in env]
+    keys = ("device", "driver", "cpu", "cpu_features", "torch_threads", "allocator", "torch", "cuda", "triton",
+            "fla", "leet-compile", "date", "command")
+    lines += [f"- {k}: `{env.get(k)}`" for k in keys if k in env]
     lines += ["", tables(s, results, markdown=True)]
     if extra:
         lines += ["```json", json.dumps(extra, indent=1, default=str)[:20000], "```", ""]

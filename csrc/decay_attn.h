@@ -76,4 +76,37 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> decay_attn_chunked_cpu_split(
     const std::optional<at::Tensor>& log_decay, double scale,
     const std::optional<at::Tensor>& initial_state, bool output_final_state);
 
+// The fused CPU backward (csrc/cpu/chunked_cpu_backward.cpp), leet::_decay_attn_backward:
+// (dq, dk, dv, d log_decay, d initial_state), the last two empty where absent.
+using DecayAttnGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+DecayAttnGrads decay_attn_backward_cpu(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state);
+
+// Where decay_attn_backward_cpu_into writes: dq, dk, dv in the inputs' dtype, with rows as
+// in a contiguous [B, H, T, D] tensor from their data pointers (a [1, 1, len, D] slice of a
+// contiguous tensor qualifies); da, the log decay's gradient in the compute dtype
+// ([B, H, T] per position, [B, H] per head; undefined: not computed); ds0, the initial
+// state's, [B, H, K, V] in the compute dtype (undefined: not computed).
+struct BackwardOutputs {
+  at::Tensor dq, dk, dv, da, ds0;
+};
+
+// The kernel of decay_attn_backward_cpu for checked inputs of one dtype (q, k, v, grad_o)
+// and a nonempty product, into outputs the caller allocated.
+void decay_attn_backward_cpu_into(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state, const BackwardOutputs& out);
+
+// The same backward with the sequence cut into segments run in parallel (the forward's rule,
+// chunked_cpu_split.cpp); nullopt where it does not apply (also for inputs of mixed dtypes).
+// It runs decay_attn_backward_cpu_into per segment, with the state entering it and the
+// gradient of the state leaving it.
+std::optional<DecayAttnGrads> decay_attn_backward_cpu_split(
+    const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& log_decay, double scale,
+    const std::optional<at::Tensor>& initial_state);
+
 }  // namespace leet

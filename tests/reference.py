@@ -31,6 +31,34 @@ def decay_attn_reference(q, k, v, log_decay=None, scale=1.0, initial_state=None)
     return o * scale, S
 
 
+def _recurrence(q, k, v, a, s0, scale):
+    """The recurrence with autograd, in whatever dtype it is given (float64 here)."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    if a is None:
+        a = torch.zeros(B, H, T, dtype=q.dtype)
+    elif a.dim() == 1:
+        a = a.view(1, H, 1).expand(B, H, T)
+    S = s0 if s0 is not None else torch.zeros(B, H, K, V, dtype=q.dtype)
+    outs = []
+    for t in range(T):
+        S = S * a[:, :, t].exp()[..., None, None] + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    o = torch.stack(outs, 2) * scale if T else q.new_zeros(B, H, 0, V)
+    return o, S
+
+
+def decay_attn_reference_grads(q, k, v, a, s0, go, gs, scale):
+    """float64 autograd gradients of sum(o * go) + sum(final_state * gs) (gs None: no state
+    term) with respect to q, k, v, log_decay a and initial state s0 (None for absent inputs)."""
+    leaves = [None if t is None else t.detach().double().cpu().requires_grad_(True) for t in (q, k, v, a, s0)]
+    o, sf = _recurrence(*leaves, scale)
+    loss = (o * go.double().cpu()).sum() + (0 if gs is None else (sf * gs.double().cpu()).sum())
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(loss, present))
+    return [None if t is None else next(grads) for t in leaves]
+
+
 def rel_err(x, ref):
     """||x - ref|| / ||ref|| in float64 (0 when both are empty)."""
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()

@@ -1,14 +1,16 @@
 """The fused CPU backward (leet::_decay_attn_backward, csrc/cpu/chunked_cpu_backward.cpp)
 against float64 autograd of the recurrence, on fresh random inputs: every decay form,
 with and without initial state and grad_state, odd T, K != V, strided and half inputs,
-resets and extreme decays, NaN causality, empty shapes, gradcheck and opcheck.
+resets and extreme decays, NaN causality, empty shapes, gradcheck and opcheck. Every test
+runs twice: with the automatic sequence-split rule (these shapes are too short to split)
+and with the sequence forced into 3 segments (LEET_CPU_SPLIT=3, chunked_cpu_split.cpp).
 Kernel outputs are NaN-filled first (LEET_POISON_OUTPUTS), so unwritten elements show."""
 import pytest
 import torch
 
 from leet_compile import decay_attn
 from leet_compile.ops import decay_attn as op_module
-from reference import make_inputs, rel_err
+from reference import decay_attn_reference_grads as ref_grads, make_inputs, rel_err
 
 BWD = torch.ops.leet._decay_attn_backward.default
 NAN, INF = float("nan"), float("inf")
@@ -19,31 +21,9 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv("LEET_POISON_OUTPUTS", "1")
 
 
-def ref_forward(q, k, v, a, s0, scale):
-    """The recurrence with autograd, in whatever dtype it is given (float64 here)."""
-    B, H, T, K = q.shape
-    V = v.shape[-1]
-    if a is None:
-        a = torch.zeros(B, H, T, dtype=q.dtype)
-    elif a.dim() == 1:
-        a = a.view(1, H, 1).expand(B, H, T)
-    S = s0 if s0 is not None else torch.zeros(B, H, K, V, dtype=q.dtype)
-    outs = []
-    for t in range(T):
-        S = S * a[:, :, t].exp()[..., None, None] + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
-    o = torch.stack(outs, 2) * scale if T else q.new_zeros(B, H, 0, V)
-    return o, S
-
-
-def ref_grads(q, k, v, a, s0, go, gs, scale):
-    """float64 autograd gradients (None for absent inputs)."""
-    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (q, k, v, a, s0)]
-    o, sf = ref_forward(*leaves, scale)
-    loss = (o * go.double()).sum() + (0 if gs is None else (sf * gs.double()).sum())
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad(loss, present))
-    return [None if t is None else next(grads) for t in leaves]
+@pytest.fixture(autouse=True, params=["auto", "3"], ids=["split-auto", "split-3"])
+def split(request, monkeypatch):
+    monkeypatch.setenv("LEET_CPU_SPLIT", request.param)
 
 
 def fused_grads(q, k, v, a, s0, go, gs, scale):
@@ -292,6 +272,7 @@ def test_compiled_training_step(monkeypatch):
         o, sf = decay_attn(q, k, v, a, initial_state=s0, output_final_state=True)
         return o.square().sum() + sf.sum()
 
+    torch.compiler.reset()  # trace afresh: the other split parametrization compiled f's code too
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     grads = torch.autograd.grad(compiled(q, k, v, a, s0), [q, k, v, a, s0])
     assert calls and all(calls)

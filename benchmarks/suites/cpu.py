@@ -20,13 +20,19 @@ def gemm_products(N, dtype):
     products = {"torch.mm": lambda: torch.mm(a, b)}
     if torch.backends.mkldnn.is_available():
         am, wm = a.to_mkldnn(), b.t().contiguous().to_mkldnn()  # linear: a @ w^T
+        try:  # oneDNN has no bf16 GEMM on CPUs without AVX-512 (or AVX-NE-CONVERT): it raises
+            torch.ops.aten.mkldnn_linear(am[:1], wm[:1])
+        except RuntimeError:
+            return products
         products["oneDNN"] = lambda: torch.ops.aten.mkldnn_linear(am, wm)
     return products
 
 
 def gemm_rate(dtype, N):
     """The machine's matrix rate for dtype at the current thread count: the faster of
-    gemm_products (medians), and its name."""
+    gemm_products (medians), and a label naming it. For bf16, the float32 rate where that is faster
+    (a CPU without bf16 units, where torch's bf16 GEMM is a slow fallback): a bf16 product
+    can always be computed by converting to float32, so that is the rate to compare with."""
     threads = torch.get_num_threads()
     key = (dtype, N, threads)
     if key not in _GEMM_RATES:
@@ -37,7 +43,12 @@ def gemm_rate(dtype, N):
                         max_time=0.05 if fast else 5.0, min_samples=1 if fast else 5)
             rates[name] = 2 * N**3 / t.median / 1e9
         best = max(rates, key=rates.get)
-        _GEMM_RATES[key] = rates[best], best
+        short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        _GEMM_RATES[key] = rates[best], f"{short} GEMM ({best})"
+        if dtype != torch.float32:
+            fp32, fp32_name = gemm_rate(torch.float32, N)
+            if fp32 > rates[best]:
+                _GEMM_RATES[key] = fp32, f"{fp32_name}, faster than {short}'s on this CPU"
     return _GEMM_RATES[key]
 
 
@@ -141,8 +152,8 @@ def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
         fns["leet fwd+bwd bf16"] = lambda: fwd_bwd(qb, kb, vb, log_decay, grad_o.bfloat16())
     flops = {p: fwd for p in fns if p.startswith("leet decay_attn")}
     flops.update({p: 3 * fwd for p in fns if p.startswith("leet fwd+bwd")})
-    (fp32, fp32_by), (bf16, bf16_by) = gemm_rate(torch.float32, gemm_N), gemm_rate(torch.bfloat16, gemm_N)
-    peak = {p: (f"bf16 GEMM ({bf16_by})", bf16) if "bf16" in p else (f"fp32 GEMM ({fp32_by})", fp32) for p in flops}
+    (fp32, fp32_gemm), (bf16, bf16_gemm) = gemm_rate(torch.float32, gemm_N), gemm_rate(torch.bfloat16, gemm_N)
+    peak = {p: (bf16_gemm, bf16) if "bf16" in p else (fp32_gemm, fp32) for p in flops}
     with cpu_bf16_units(False):
         o_upcast = leet_compile.decay_attn(qb, kb, vb, log_decay)
     info = {"leet decay_attn": {"rel_err_vs_fp64": rel_err(leet_compile.decay_attn(q, k, v, log_decay), ref)},
@@ -164,7 +175,7 @@ def split_env(fn, value):
 @suite("cpu-split", x_name="T", x_vals=[1024, 4096, 16384], smoke_x_vals=[1100],
        params=dict(B=1, H=1, D=64), baseline="unsplit")
 def cpu_split(T, B, H, D):
-    """The fused CPU forward with the sequence split into segments run in parallel (the default where B*H < threads; csrc/cpu/chunked_cpu_split.cpp) vs unsplit (LEET_CPU_SPLIT=0), and the control "heads": the same work as 2H heads of T/2 on the unsplit kernel, the best a 2-way split can reach; B=1 H=1 K=V=64, fp32 and bf16, per-position decay, initial and final state"""
+    """The fused CPU forward, and forward+backward, with the sequence split into segments run in parallel (the default where B*H < threads; csrc/cpu/chunked_cpu_split.cpp) vs unsplit (LEET_CPU_SPLIT=0), and the control "heads": the same work as 2H heads of T/2 on the unsplit kernel, the best a 2-way split can reach; B=1 H=1 K=V=64, fp32 and bf16, per-position decay, initial and final state (fwd+bwd: gradients of all five inputs, dense output gradient)"""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
     a = -torch.rand(B, H, T, generator=g) * 0.1
@@ -178,6 +189,17 @@ def cpu_split(T, B, H, D):
         h = (lambda x: x[:, :, :T2].reshape(B, 2 * H, T2 // 2, x.shape[-1]))
         return h(q), h(k), h(v), a[:, :, :T2].reshape(B, 2 * H, T2 // 2), s0.repeat_interleave(2, dim=1)
 
+    grad_o = torch.randn(B, H, T, D, generator=g)
+    grads = {}  # the output gradient in each (shape, dtype) timed, made once
+
+    def train(q, k, v, a, s0):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, a, s0)]
+        o, _ = call(*leaves)
+        key = (o.shape, o.dtype)
+        if key not in grads:
+            grads[key] = grad_o[:, :, :T2].reshape(o.shape).to(o.dtype) if o.shape != grad_o.shape else grad_o.to(o.dtype)
+        o.backward(grads[key])
+
     fns = {}
     for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
         x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
@@ -185,9 +207,17 @@ def cpu_split(T, B, H, D):
         fns["unsplit" + tag] = split_env(lambda x=x: call(*x), "0")
         fns["split" + tag] = split_env(lambda x=x: call(*x), None)
         fns["heads (control)" + tag] = split_env(lambda hx=hx: call(*hx), "0")
+    for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
+        x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
+        hx = halves(*x)
+        fns["unsplit fwd+bwd" + tag] = split_env(lambda x=x: train(*x), "0")
+        fns["split fwd+bwd" + tag] = split_env(lambda x=x: train(*x), None)
+        fns["heads (control) fwd+bwd" + tag] = split_env(lambda hx=hx: train(*hx), "0")
     ref = call(q.double(), k.double(), v.double(), a.double(), s0.double())[0]
     info = {p: {"rel_err_vs_fp64": rel_err(fns[p]()[0], ref)} for p in ("unsplit", "split", "unsplit bf16", "split bf16")}
-    return Case(fns, flops=chunked_flops(B, H, T, D, D), info=info)
+    # FLOPs: the forward's; forward+backward counted as 3x (as in the cpu suite: an estimate).
+    fwd = chunked_flops(B, H, T, D, D)
+    return Case(fns, flops={p: 3 * fwd if "fwd+bwd" in p else fwd for p in fns}, info=info)
 
 
 @suite("gemm", x_name="N", x_vals=[1024], smoke_x_vals=[128])

@@ -336,12 +336,30 @@ void backward_kernel(const Args& g) {
   });
 }
 
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+}  // namespace
+
+void decay_attn_backward_cpu_into(
+    const Tensor& grad_o, const std::optional<Tensor>& grad_state, const Tensor& q, const Tensor& k,
+    const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
+    const std::optional<Tensor>& initial_state, const BackwardOutputs& out) {
+  const auto dt = compute_dtype(q, k, v);
+  Args g;
+  g.q = q, g.k = k, g.v = v, g.grad_o = grad_o;
+  g.scale = scale;
+  if (log_decay.has_value() && log_decay->defined()) g.a = log_decay->to(at::kDouble).contiguous();
+  if (initial_state.has_value() && initial_state->defined()) g.s0 = initial_state->to(dt).contiguous();
+  if (grad_state.has_value() && grad_state->defined()) g.d_sf = grad_state->to(dt).contiguous();
+  g.dq = out.dq, g.dk = out.dk, g.dv = out.dv, g.da = out.da, g.ds0 = out.ds0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "_decay_attn_backward", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<Acc, scalar_t>(g);
+  });
+}
 
 // (dq, dk, dv, d log_decay, d initial_state); the last two are empty tensors when
 // log_decay / initial_state are None. d log_decay has log_decay's shape ([H]: summed
 // over batch and time) and dtype; the others their input's dtype, contiguous.
-Grads decay_attn_backward_cpu(
+DecayAttnGrads decay_attn_backward_cpu(
     const Tensor& grad_o, const std::optional<Tensor>& grad_state, const Tensor& q, const Tensor& k,
     const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
     const std::optional<Tensor>& initial_state) {
@@ -362,50 +380,45 @@ Grads decay_attn_backward_cpu(
         "_decay_attn_backward: grad_state must have the state's shape [B, H, K, V] = [", B, ", ", H, ", ", K,
         ", ", V, "], got ", grad_state->sizes());
   }
+  // B * H below the thread count: segments of the sequence in parallel (chunked_cpu_split.cpp).
+  if (auto split = decay_attn_backward_cpu_split(grad_o, grad_state, q, k, v, log_decay, scale, initial_state)) {
+    return *split;
+  }
   const auto dt = compute_dtype(q, k, v);
   // One input dtype for the kernel; mixed dtypes (rare) compute from copies in dt.
   const auto in_dt = q.scalar_type();
   const bool one_dtype = k.scalar_type() == in_dt && v.scalar_type() == in_dt && grad_o.scalar_type() == in_dt;
   const auto kdt = one_dtype ? in_dt : dt;
-  Args g;
-  g.q = q.to(kdt), g.k = k.to(kdt), g.v = v.to(kdt), g.grad_o = grad_o.to(kdt);
-  g.scale = scale;
-  if (has_ld) g.a = log_decay->to(at::kDouble).contiguous();
-  if (has_s0) g.s0 = initial_state->to(dt).contiguous();
-  if (has_gs) g.d_sf = grad_state->to(dt).contiguous();
   const auto opts = q.options().dtype(kdt);
-  g.dq = new_output({B, H, T, K}, opts);
-  g.dk = new_output({B, H, T, K}, opts);
-  g.dv = new_output({B, H, T, V}, opts);
+  BackwardOutputs out;
+  out.dq = new_output({B, H, T, K}, opts);
+  out.dk = new_output({B, H, T, K}, opts);
+  out.dv = new_output({B, H, T, V}, opts);
   const bool per_head = has_ld && log_decay->dim() == 1;
   if (has_ld) {
     const auto da_shape = per_head ? std::vector<int64_t>{B, H} : std::vector<int64_t>{B, H, T};
-    g.da = new_output(da_shape, q.options().dtype(dt));
+    out.da = new_output(da_shape, q.options().dtype(dt));
   }
-  if (has_s0) g.ds0 = new_output({B, H, K, V}, q.options().dtype(dt));
+  if (has_s0) out.ds0 = new_output({B, H, K, V}, q.options().dtype(dt));
 
   if (B * H * T * K * V == 0) {
     // Nothing flows through the product: zero gradients, and at T = 0 the initial
     // state passes straight to the final one.
-    g.dq.zero_(), g.dk.zero_(), g.dv.zero_();
-    if (has_ld) g.da.zero_();
+    out.dq.zero_(), out.dk.zero_(), out.dv.zero_();
+    if (has_ld) out.da.zero_();
     if (has_s0) {
-      if (T == 0 && has_gs) g.ds0.copy_(g.d_sf);
-      else g.ds0.zero_();
+      if (T == 0 && has_gs) out.ds0.copy_(*grad_state);
+      else out.ds0.zero_();
     }
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kdt, "_decay_attn_backward", [&] {
-      using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      backward_kernel<Acc, scalar_t>(g);
-    });
+    decay_attn_backward_cpu_into(grad_o.to(kdt), grad_state, q.to(kdt), k.to(kdt), v.to(kdt), log_decay, scale,
+                                 initial_state, out);
   }
   Tensor d_ld = at::empty({0}, q.options());
-  if (has_ld) d_ld = (per_head ? g.da.sum(0) : g.da).to(log_decay->scalar_type());
-  Tensor d_s0 = has_s0 ? g.ds0.to(initial_state->scalar_type()) : at::empty({0}, q.options());
-  return {g.dq.to(q.scalar_type()), g.dk.to(k.scalar_type()), g.dv.to(v.scalar_type()), d_ld, d_s0};
+  if (has_ld) d_ld = (per_head ? out.da.sum(0) : out.da).to(log_decay->scalar_type());
+  Tensor d_s0 = has_s0 ? out.ds0.to(initial_state->scalar_type()) : at::empty({0}, q.options());
+  return {out.dq.to(q.scalar_type()), out.dk.to(k.scalar_type()), out.dv.to(v.scalar_type()), d_ld, d_s0};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(leet, CPU, m) { m.impl("_decay_attn_backward", &decay_attn_backward_cpu); }
 

@@ -1,6 +1,6 @@
-// The sequence split of the fused CPU forward (issue 15): the fused kernel
-// (chunked_cpu.cpp) parallelises over B * H only, so B * H below the thread count leaves
-// cores idle (B = H = 1 runs on one). Here the sequence of every (batch, head) is cut into
+// The sequence split of the fused CPU forward and backward (issue 15): the fused kernels
+// (chunked_cpu.cpp, chunked_cpu_backward.cpp) parallelise over B * H only, so B * H below
+// the thread count leaves cores idle (B = H = 1 runs on one). Here the sequence of every (batch, head) is cut into
 // P segments on the kernel's chunk grid and the segments run in parallel, each through the
 // public fused forward (decay_attn_chunked_cpu, which also takes the bf16 / fp16 path)
 // with no initial state (the first: the call's) and its own final state F_s. Then:
@@ -19,11 +19,34 @@
 // positive decays give the kernel's answers. A non-finite value at position j reaches row
 // i only through S_in, i.e. only rows of later segments (i > j), as in the kernel.
 //
-// When (decay_attn_chunked_cpu's first step): outside parallel regions and outside this
-// split, with B * H < at::get_num_threads() and T >= 2 * kMinSegment: P = min(threads /
-// (B * H), T / kMinSegment). LEET_CPU_SPLIT (read at every call, for tests): unset or
-// "auto" that rule, "0" (or "1") never, N >= 2 always N segments (at most one per chunk),
-// whatever the thread count.
+// The backward (decay_attn_backward_cpu_split), on the same segments: with S_t = e^(a_t)
+// S_{t-1} + k_t^T v_t and the gradient R_t = dLoss/dS_t carried back in time, a segment's
+// gradients need only the state entering it, S_in(s), and the gradient of the state
+// leaving it, R(s). So:
+//   1. in parallel, per segment: its final state from zero, F_s = sum_t U_t k_t^T v_t (U_t
+//      the decay from t to the segment's end), and its own part of the gradient of the
+//      state entering it, E_s = sum_t W_t q_t^T dO_t (W as above): two [K, len] x [len, V]
+//      products: 2 K V multiply-adds per position beside the unsplit backward's
+//      5 K V + C (3 K + 2 V) (27% more at K = V = 64, C = 32);
+//   2. in order: S_in(s + 1) = F_s + G_s S_in(s), R(s - 1) = E_s + G_s R(s), R(P - 1) = the
+//      call's grad_state;
+//   3. in parallel, every segment through the fused backward kernel with initial state
+//      S_in(s) and grad_state R(s), writing its rows of the outputs. Its gradients are the
+//      whole sequence's: dq, dk, dv directly, and d log_decay because the kernel's
+//      <grad_state, final state> term at a segment's last row is exactly the sum over all
+//      later rows that the unsplit kernel accumulates (the derivative through a_{t1} of
+//      everything after t1). That term is a float32 dot product of two states where the
+//      unsplit kernel sums per-row terms: a per-head decay's gradient, which cancels to a
+//      small value, differs from the unsplit one by float32 rounding of its terms' size.
+//      With a NaN at p, d log_decay in segments before p is finite (as the exact gradient),
+//      where the unsplit rule's sum over later rows makes it NaN.
+// Inputs of mixed dtypes are not split (the unsplit kernel converts them).
+//
+// When (decay_attn_chunked_cpu's and decay_attn_backward_cpu's first step): outside parallel
+// regions and outside this split, with B * H < at::get_num_threads() and T >= 2 *
+// kMinSegment: P = min(threads / (B * H), T / kMinSegment). LEET_CPU_SPLIT (read at every
+// call, for tests): unset or "auto" that rule, "0" (or "1") never, N >= 2 always N segments
+// (at most one per chunk), whatever the thread count.
 #include "../decay_attn.h"
 #include "chunk_common.h"
 
@@ -105,6 +128,39 @@ double segment_decay(const double* a, bool per_head, int64_t H, int64_t T, int64
   return row(f);  // (the same for the state: G S_in subnormal costs as much)
 }
 
+// The decay from row i of a segment to its end as the backward kernel's first sweep
+// carries its state: U[i] = (the product of the factors of the segment's later chunks) *
+// exp(L_end - L_i), L i's chunk's clamped cumulative log decay, each factor rounded to the
+// state dtype; below the smallest normal number 0 (as segment_decay's W).
+void segment_decay_to_end(const double* a, bool per_head, int64_t H, int64_t T, int64_t bh, int64_t t0, int64_t t1,
+                          bool single, double* U) {
+  const auto rounded = [single](double x) { return single ? static_cast<double>(static_cast<float>(x)) : x; };
+  const double tiny = single ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
+  const double ah = per_head ? cpu::clamped_head_decay(a[bh % H]) : 0.0;
+  double L[kChunk];
+  double f = 1.0;
+  for (int64_t c0 = t0 + (t1 - t0 - 1) / kChunk * kChunk; c0 >= t0; c0 -= kChunk) {
+    const int64_t c = std::min(kChunk, t1 - c0);
+    cpu::chunk_log_decay(per_head ? nullptr : a + bh * T + c0, per_head, ah, c, L);
+    for (int64_t i = 0; i < c; ++i) {
+      const double u = f * std::exp(L[c - 1] - L[i]);
+      U[c0 + i] = std::fabs(u) < tiny ? 0.0 : u;  // (NaN stays NaN)
+    }
+    f *= rounded(std::exp(L[c - 1]));
+  }
+}
+
+// Segment bounds for P segments of T rows: whole chunks, spread evenly (the last one holds
+// a partial chunk).
+std::vector<int64_t> segment_bounds(int64_t T, int64_t P) {
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  std::vector<int64_t> bound(P + 1, 0);
+  for (int64_t s = 0; s < P; ++s) {
+    bound[s + 1] = std::min(T, bound[s] + (chunks / P + (s < chunks % P ? 1 : 0)) * kChunk);
+  }
+  return bound;
+}
+
 }  // namespace
 
 std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
@@ -117,12 +173,7 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
   // Below autograd (this is a kernel; its ATen ops record nothing), on every thread below.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  // Segment bounds: whole chunks, spread evenly (the last one holds a partial chunk).
-  const int64_t chunks = (T + kChunk - 1) / kChunk;
-  std::vector<int64_t> bound(P + 1, 0);
-  for (int64_t s = 0; s < P; ++s) {
-    bound[s + 1] = std::min(T, bound[s] + (chunks / P + (s < chunks % P ? 1 : 0)) * kChunk);
-  }
+  const std::vector<int64_t> bound = segment_bounds(T, P);
   const bool has_decay = log_decay.has_value() && log_decay->defined();
   const bool has_s0 = initial_state.has_value() && initial_state->defined();
   const Tensor a = has_decay ? log_decay->to(at::kDouble).contiguous() : Tensor();
@@ -212,6 +263,121 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
     }
   });
   return std::make_tuple(out, output_final_state ? final_state : at::empty({0}, out.options().dtype(state_dtype)));
+}
+
+std::optional<DecayAttnGrads> decay_attn_backward_cpu_split(
+    const Tensor& grad_o, const std::optional<Tensor>& grad_state, const Tensor& q, const Tensor& k,
+    const Tensor& v, const std::optional<Tensor>& log_decay, double scale, const std::optional<Tensor>& initial_state) {
+  if (tl_in_split || q.numel() == 0 || v.numel() == 0) return std::nullopt;
+  const auto dtype = q.scalar_type();
+  if (k.scalar_type() != dtype || v.scalar_type() != dtype || grad_o.scalar_type() != dtype) return std::nullopt;
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3), BH = B * H;
+  const int64_t P = segment_count(BH, T);
+  if (P < 2) return std::nullopt;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  const std::vector<int64_t> bound = segment_bounds(T, P);
+  const bool has_decay = log_decay.has_value() && log_decay->defined();
+  const bool has_s0 = initial_state.has_value() && initial_state->defined();
+  const bool has_gs = grad_state.has_value() && grad_state->defined();
+  const Tensor a = has_decay ? log_decay->to(at::kDouble).contiguous() : Tensor();
+  const bool per_head = has_decay && a.dim() == 1;
+  const at::ScalarType state_dtype = compute_dtype(q, k, v);
+  const bool single = state_dtype == at::kFloat;
+  // W: scale * the decay from the segment's start to i (segment_decay); U: the decay from i
+  // to the segment's end; G: the whole segment's (per (bh, s)).
+  Tensor W = has_decay ? at::empty({BH, T}, a.options()) : Tensor();
+  Tensor U = has_decay ? at::empty({BH, T}, a.options()) : Tensor();
+  std::vector<double> G(BH * P, 1.0);
+  std::vector<Tensor> finals(BH * P);  // F_s = sum_t U_t k_t^T v_t, [K, V] (s < P - 1)
+  std::vector<Tensor> pulls(BH * P);   // E_s = sum_t W_t q_t^T dO_t, [K, V] (s >= 1)
+
+  // 1. Per segment, in parallel: its own final state from zero and its own part of the
+  //    gradient of the state entering it (two [K, len] x [len, V] products).
+  at::parallel_for(0, BH * P, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t bh = job / P, s = job % P, b = bh / H, h = bh % H, t0 = bound[s], t1 = bound[s + 1];
+      const auto rows = [&](const Tensor& x) { return x.select(0, b).select(0, h).slice(0, t0, t1).to(state_dtype); };
+      const auto weights = [&](const Tensor& w) { return w.select(0, bh).slice(0, t0, t1).to(state_dtype).unsqueeze(1); };
+      if (has_decay) {
+        const double* ad = a.data_ptr<double>();
+        G[job] = segment_decay(ad, per_head, H, T, bh, t0, t1, single, scale, W.data_ptr<double>() + bh * T);
+        segment_decay_to_end(ad, per_head, H, T, bh, t0, t1, single, U.data_ptr<double>() + bh * T);
+      }
+      if (s < P - 1) {
+        const Tensor vs = rows(v);
+        finals[job] = at::mm(rows(k).t(), has_decay ? vs * weights(U) : vs);
+      }
+      if (s > 0) {
+        const Tensor dos = rows(grad_o);
+        pulls[job] = at::mm(rows(q).t(), has_decay ? dos * weights(W) : dos * scale);
+      }
+    }
+  });
+
+  // 2. In order (P small: [K, V] operations): the state entering each segment,
+  //    S_in(s + 1) = F_s + G_s S_in(s), and the gradient of the state leaving it,
+  //    R(s - 1) = E_s + G_s R(s) from R(P - 1) = grad_state.
+  std::vector<Tensor> state_in(BH * P), grad_out(BH * P);  // undefined: none (zero)
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    Tensor S = has_s0 ? initial_state->select(0, b).select(0, h).to(state_dtype) : Tensor();
+    for (int64_t s = 0; s + 1 < P; ++s) {
+      const Tensor& F = finals[bh * P + s];
+      S = S.defined() ? F + S * G[bh * P + s] : F;
+      state_in[bh * P + s + 1] = S;
+    }
+    Tensor R = has_gs ? grad_state->select(0, b).select(0, h).to(state_dtype) : Tensor();
+    for (int64_t s = P - 1; s > 0; --s) {
+      const Tensor& E = pulls[bh * P + s];
+      R = R.defined() ? E + R * G[bh * P + s] : E;
+      grad_out[bh * P + s - 1] = R;
+    }
+  }
+
+  // 3. Every segment through the fused backward, in parallel, with the state entering it
+  //    and the gradient of the state leaving it, into its rows of the outputs: its
+  //    gradients are then the whole sequence's (d log_decay too: the kernel's
+  //    <grad_state, final state> term at a segment's last row is the sum over all later
+  //    rows that the unsplit kernel adds).
+  BackwardOutputs out;
+  out.dq = new_output({B, H, T, K}, q.options());
+  out.dk = new_output({B, H, T, K}, q.options());
+  out.dv = new_output({B, H, T, V}, q.options());
+  const auto state_options = q.options().dtype(state_dtype);
+  if (has_decay) {  // per head: each segment's sum, [BH, P]
+    const auto da_shape = per_head ? std::vector<int64_t>{BH, P} : std::vector<int64_t>{B, H, T};
+    out.da = new_output(da_shape, state_options);
+  }
+  if (has_s0) out.ds0 = new_output({B, H, K, V}, state_options);
+  at::parallel_for(0, BH * P, 1, [&](int64_t begin, int64_t end) {
+    SplitGuard guard;
+    at::AutoDispatchBelowADInplaceOrView below;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t bh = job / P, s = job % P, b = bh / H, h = bh % H, t0 = bound[s], t1 = bound[s + 1];
+      const auto head = [&](const Tensor& x) { return x.slice(0, b, b + 1).slice(1, h, h + 1); };
+      const auto piece = [&](const Tensor& x) { return head(x).slice(2, t0, t1); };
+      const auto as_state = [&](const Tensor& x) { return x.view({1, 1, K, V}); };
+      std::optional<Tensor> ld, s0, gs;
+      if (has_decay) ld = per_head ? a.slice(0, h, h + 1) : piece(a);
+      if (s > 0) s0 = as_state(state_in[job]);
+      else if (has_s0) s0 = head(*initial_state);
+      if (s < P - 1) gs = as_state(grad_out[job]);
+      else if (has_gs) gs = head(*grad_state);
+      BackwardOutputs rows{piece(out.dq), piece(out.dk), piece(out.dv), Tensor(), Tensor()};
+      if (has_decay) rows.da = per_head ? out.da.select(0, bh).slice(0, s, s + 1) : piece(out.da);
+      if (s == 0 && has_s0) rows.ds0 = head(out.ds0);
+      decay_attn_backward_cpu_into(piece(grad_o), gs, piece(q), piece(k), piece(v), ld, scale, s0, rows);
+    }
+  });
+  Tensor d_ld = at::empty({0}, q.options());
+  if (has_decay) {  // per head: summed over segments and batch
+    d_ld = per_head ? out.da.view({B, H, P}).sum({0, 2}) : out.da;
+    d_ld = d_ld.to(log_decay->scalar_type());
+  }
+  Tensor d_s0 = has_s0 ? out.ds0.to(initial_state->scalar_type()) : at::empty({0}, q.options());
+  return std::make_tuple(out.dq, out.dk, out.dv, d_ld, d_s0);
 }
 
 }  // namespace leet
