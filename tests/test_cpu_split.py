@@ -7,6 +7,7 @@ every decay form, initial and final states, -inf / -1e20 / positive log decays, 
 inputs, bf16, gradients; and the automatic rule (B * H below the thread count). Outputs are
 NaN-filled first (LEET_POISON_OUTPUTS), so unwritten elements show. (tests/test_cpu_backward.py
 runs all of its backward tests with LEET_CPU_SPLIT=3 too.)"""
+import contextlib
 import os
 
 import pytest
@@ -17,6 +18,8 @@ from reference import decay_attn_reference, decay_attn_reference_grads, make_inp
 
 NAN, INF = float("nan"), float("inf")
 BWD = torch.ops.leet._decay_attn_backward.default
+# (B, H, T, K, V, segments): T not a multiple of 32 nor of P, K != V, odd K
+SHAPES = [(1, 1, 97, 16, 24, 3), (1, 2, 300, 13, 7, 2), (2, 1, 161, 8, 20, 4), (1, 1, 1000, 32, 32, 7)]
 
 
 @pytest.fixture(autouse=True)
@@ -32,31 +35,31 @@ def threads():
     torch.set_num_threads(before)
 
 
-def run(split, q, k, v, a=None, s0=None, scale=0.5, final=True):
-    """decay_attn on the fused CPU kernel with LEET_CPU_SPLIT=split ("0": unsplit)."""
+@contextlib.contextmanager
+def split_setting(split):
+    """LEET_CPU_SPLIT=split inside ("0": unsplit; the kernels read it at every call)."""
     old = os.environ.get("LEET_CPU_SPLIT")
     os.environ["LEET_CPU_SPLIT"] = str(split)
     try:
-        return decay_attn(q, k, v, a, scale=scale, initial_state=s0, output_final_state=final,
-                          method="chunked", backend="cpu")
+        yield
     finally:
         if old is None:
             del os.environ["LEET_CPU_SPLIT"]
         else:
             os.environ["LEET_CPU_SPLIT"] = old
+
+
+def run(split, q, k, v, a=None, s0=None, scale=0.5, final=True):
+    """decay_attn on the fused CPU kernel with LEET_CPU_SPLIT=split ("0": unsplit)."""
+    with split_setting(split):
+        return decay_attn(q, k, v, a, scale=scale, initial_state=s0, output_final_state=final,
+                          method="chunked", backend="cpu")
 
 
 def backward(split, go, gs, q, k, v, a=None, s0=None, scale=0.5):
     """The fused CPU backward with LEET_CPU_SPLIT=split: (dq, dk, dv, d log_decay, d initial_state)."""
-    old = os.environ.get("LEET_CPU_SPLIT")
-    os.environ["LEET_CPU_SPLIT"] = str(split)
-    try:
+    with split_setting(split):
         return BWD(go, gs, q, k, v, a, scale, s0)
-    finally:
-        if old is None:
-            del os.environ["LEET_CPU_SPLIT"]
-        else:
-            os.environ["LEET_CPU_SPLIT"] = old
 
 
 def check_backward(q, k, v, a, s0, P, grad_state=True, scale=0.5, tol=2e-5, seed=0):
@@ -103,8 +106,7 @@ def check(q, k, v, a, s0, P, scale=0.5, tol=1e-5):
 
 @pytest.mark.parametrize("decay", [None, "head", "position"])
 @pytest.mark.parametrize("state", [False, True])
-@pytest.mark.parametrize("B,H,T,K,V,P", [(1, 1, 97, 16, 24, 3), (1, 2, 300, 13, 7, 2), (2, 1, 161, 8, 20, 4),
-                                         (1, 1, 1000, 32, 32, 7)])
+@pytest.mark.parametrize("B,H,T,K,V,P", SHAPES)
 def test_matches_reference_and_unsplit(decay, state, B, H, T, K, V, P):
     """T not a multiple of 32 nor of P, K != V, odd K."""
     q, k, v, a, s0 = make_inputs(B=B, H=H, T=T, K=K, V=V, decay=decay, state=state, seed=T + K)
@@ -283,17 +285,10 @@ def test_gradients_through_the_split_forward(threads):
     q, k, v, a, s0 = make_inputs(B=1, H=1, T=70, K=3, V=4, decay="position", state=True, dtype=torch.float64,
                                  requires_grad=True, seed=13)
     a, s0 = (t.detach().double().requires_grad_(True) for t in (a, s0))
-    old = os.environ.get("LEET_CPU_SPLIT")
-    os.environ["LEET_CPU_SPLIT"] = "3"
-    try:
+    with split_setting(3):
         assert torch.autograd.gradcheck(
             lambda q, k, v, a, s0: torch.ops.leet.decay_attn(q, k, v, a, 0.9, s0, True, "chunked", "cpu"),
             (q, k, v, a, s0))
-    finally:
-        if old is None:
-            del os.environ["LEET_CPU_SPLIT"]
-        else:
-            os.environ["LEET_CPU_SPLIT"] = old
     q, k, v, a, s0 = make_inputs(B=1, H=2, T=200, K=8, V=8, decay="position", state=True, requires_grad=True,
                                  seed=14)
     s0.requires_grad_(True)
@@ -311,8 +306,7 @@ def test_gradients_through_the_split_forward(threads):
 
 @pytest.mark.parametrize("decay", [None, "head", "position"])
 @pytest.mark.parametrize("state", [False, True])
-@pytest.mark.parametrize("B,H,T,K,V,P", [(1, 1, 97, 16, 24, 3), (1, 2, 300, 13, 7, 2), (2, 1, 161, 8, 20, 4),
-                                         (1, 1, 1000, 32, 32, 7)])
+@pytest.mark.parametrize("B,H,T,K,V,P", SHAPES)
 def test_backward_matches_reference_and_unsplit(decay, state, B, H, T, K, V, P):
     """With and without initial state and grad_state; T not a multiple of 32 nor of P."""
     q, k, v, a, s0 = make_inputs(B=B, H=H, T=T, K=K, V=V, decay=decay, state=state, seed=T + K)

@@ -201,18 +201,13 @@ def cpu_split(T, B, H, D):
         o.backward(grads[key])
 
     fns = {}
-    for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
-        x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
-        hx = halves(*x)
-        fns["unsplit" + tag] = split_env(lambda x=x: call(*x), "0")
-        fns["split" + tag] = split_env(lambda x=x: call(*x), None)
-        fns["heads (control)" + tag] = split_env(lambda hx=hx: call(*hx), "0")
-    for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
-        x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
-        hx = halves(*x)
-        fns["unsplit fwd+bwd" + tag] = split_env(lambda x=x: train(*x), "0")
-        fns["split fwd+bwd" + tag] = split_env(lambda x=x: train(*x), None)
-        fns["heads (control) fwd+bwd" + tag] = split_env(lambda hx=hx: train(*hx), "0")
+    for mode, fn in (("", call), (" fwd+bwd", train)):
+        for tag, dt in (("", torch.float32), (" bf16", torch.bfloat16)):
+            x = (q.to(dt), k.to(dt), v.to(dt), a, s0)
+            hx = halves(*x)
+            fns["unsplit" + mode + tag] = split_env(lambda fn=fn, x=x: fn(*x), "0")
+            fns["split" + mode + tag] = split_env(lambda fn=fn, x=x: fn(*x), None)
+            fns["heads (control)" + mode + tag] = split_env(lambda fn=fn, hx=hx: fn(*hx), "0")
     ref = call(q.double(), k.double(), v.double(), a.double(), s0.double())[0]
     info = {p: {"rel_err_vs_fp64": rel_err(fns[p]()[0], ref)} for p in ("unsplit", "split", "unsplit bf16", "split bf16")}
     # FLOPs: the forward's; forward+backward counted as 3x (as in the cpu suite: an estimate).
