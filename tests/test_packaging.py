@@ -226,3 +226,16 @@ def test_runner_writes_only_with_save(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".md"}
+
+
+def test_gemm_yardstick_includes_onednn_where_torch_has_it(harness):
+    # Every x86 CPU oneDNN supports has its float32 GEMM; a probe that failed for another
+    # reason (oneDNN tensors cannot be sliced) once dropped it silently from every result.
+    import torch
+    from suites.cpu import gemm_products  # (the harness fixture puts benchmarks/ on the path)
+
+    products = gemm_products(8, torch.float32)
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN" in products
+    for fn in products.values():
+        assert fn().to_dense().shape == (8, 8)
