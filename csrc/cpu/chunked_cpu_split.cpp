@@ -161,31 +161,50 @@ std::vector<int64_t> segment_bounds(int64_t T, int64_t P) {
   return bound;
 }
 
+// What both splits start from: the problem's sizes, the segments, the log decay as the
+// kernels read it (float64, contiguous) and the state dtype of both kernels (float32,
+// float64 for float64 compute). None where the call is not split.
+struct SplitPlan {
+  int64_t B, H, T, K, V, BH, P;
+  std::vector<int64_t> bound;
+  bool has_decay, per_head, has_s0;
+  Tensor a;
+  at::ScalarType state_dtype;
+};
+
+std::optional<SplitPlan> plan_split(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const std::optional<Tensor>& log_decay, const std::optional<Tensor>& initial_state) {
+  if (tl_in_split || q.numel() == 0 || v.numel() == 0) return std::nullopt;
+  SplitPlan p;
+  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.K = q.size(3), p.V = v.size(3), p.BH = p.B * p.H;
+  p.P = segment_count(p.BH, p.T);
+  if (p.P < 2) return std::nullopt;
+  p.bound = segment_bounds(p.T, p.P);
+  p.has_decay = log_decay.has_value() && log_decay->defined();
+  p.has_s0 = initial_state.has_value() && initial_state->defined();
+  p.a = p.has_decay ? log_decay->to(at::kDouble).contiguous() : Tensor();
+  p.per_head = p.has_decay && p.a.dim() == 1;
+  p.state_dtype = compute_dtype(q, k, v);
+  return p;
+}
+
 }  // namespace
 
 std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
     const std::optional<Tensor>& initial_state, bool output_final_state) {
-  if (tl_in_split || q.numel() == 0 || v.numel() == 0) return std::nullopt;
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3), BH = B * H;
-  const int64_t P = segment_count(BH, T);
-  if (P < 2) return std::nullopt;
+  const auto plan = plan_split(q, k, v, log_decay, initial_state);
+  if (!plan) return std::nullopt;
+  const auto& [B, H, T, K, V, BH, P, bound, has_decay, per_head, has_s0, a, state_dtype] = *plan;
   // Below autograd (this is a kernel; its ATen ops record nothing), on every thread below.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  const std::vector<int64_t> bound = segment_bounds(T, P);
-  const bool has_decay = log_decay.has_value() && log_decay->defined();
-  const bool has_s0 = initial_state.has_value() && initial_state->defined();
-  const Tensor a = has_decay ? log_decay->to(at::kDouble).contiguous() : Tensor();
-  const bool per_head = has_decay && a.dim() == 1;
   // The sequential path's output: fresh, [B, H, T, V], contiguous, v's dtype.
   Tensor out = new_output({B, H, T, V}, v.options());
   Tensor W = has_decay ? at::empty({BH, T}, a.options()) : Tensor();
   std::vector<Tensor> finals(BH * P);  // F_s of (bh, s), [K, V]
   std::vector<Tensor> local(BH * P);   // the outputs of segments s >= 1, [len, V]
   std::vector<double> G(BH * P, 1.0);
-  // The state dtype of both kernels (float32, float64 for float64 compute).
-  const at::ScalarType state_dtype = compute_dtype(q, k, v);
 
   // Every segment of every (batch, head) through the fused forward, in parallel (its own
   // parallel_for over B * H then runs inline in each job).
@@ -268,21 +287,14 @@ std::optional<std::tuple<Tensor, Tensor>> decay_attn_chunked_cpu_split(
 std::optional<DecayAttnGrads> decay_attn_backward_cpu_split(
     const Tensor& grad_o, const std::optional<Tensor>& grad_state, const Tensor& q, const Tensor& k,
     const Tensor& v, const std::optional<Tensor>& log_decay, double scale, const std::optional<Tensor>& initial_state) {
-  if (tl_in_split || q.numel() == 0 || v.numel() == 0) return std::nullopt;
   const auto dtype = q.scalar_type();
   if (k.scalar_type() != dtype || v.scalar_type() != dtype || grad_o.scalar_type() != dtype) return std::nullopt;
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), K = q.size(3), V = v.size(3), BH = B * H;
-  const int64_t P = segment_count(BH, T);
-  if (P < 2) return std::nullopt;
+  const auto plan = plan_split(q, k, v, log_decay, initial_state);
+  if (!plan) return std::nullopt;
+  const auto& [B, H, T, K, V, BH, P, bound, has_decay, per_head, has_s0, a, state_dtype] = *plan;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  const std::vector<int64_t> bound = segment_bounds(T, P);
-  const bool has_decay = log_decay.has_value() && log_decay->defined();
-  const bool has_s0 = initial_state.has_value() && initial_state->defined();
   const bool has_gs = grad_state.has_value() && grad_state->defined();
-  const Tensor a = has_decay ? log_decay->to(at::kDouble).contiguous() : Tensor();
-  const bool per_head = has_decay && a.dim() == 1;
-  const at::ScalarType state_dtype = compute_dtype(q, k, v);
   const bool single = state_dtype == at::kFloat;
   // W: scale * the decay from the segment's start to i (segment_decay); U: the decay from i
   // to the segment's end; G: the whole segment's (per (bh, s)).
