@@ -20,8 +20,8 @@ def gemm_products(N, dtype):
     products = {"torch.mm": lambda: torch.mm(a, b)}
     if torch.backends.mkldnn.is_available():
         am, wm = a.to_mkldnn(), b.t().contiguous().to_mkldnn()  # linear: a @ w^T
-        tiny = torch.ones(2, 2, dtype=dtype).to_mkldnn()  # (oneDNN tensors cannot be sliced)
         try:  # oneDNN has no bf16 GEMM on CPUs without AVX-512 (or AVX-NE-CONVERT): it raises
+            tiny = torch.ones(2, 2, dtype=dtype).to_mkldnn()  # (oneDNN tensors cannot be sliced)
             torch.ops.aten.mkldnn_linear(tiny, tiny)
         except RuntimeError:
             return products
