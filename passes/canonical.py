@@ -42,9 +42,10 @@ def mask_pieces(pw):
     return out, scores
 
 
-def canonical(pw, u_out):
+def canonical(pw, u_out, floor=FLOAT32_ROUNDOFF):
     """The :class:`Decay` of a mask given piecewise over d, or Unproven; ``u_out`` is
-    the unit roundoff of the site's output dtype."""
+    the unit roundoff of the site's output dtype; eager's rounding of the weights may be
+    WEIGHT_TOL_ULPS units of the larger of it and ``floor`` (the operator's float32)."""
     body = None
     diag = None
     for lo, hi, t in pw:
@@ -64,7 +65,7 @@ def canonical(pw, u_out):
         if lo == 0 and hi == 0:
             diag = t
             continue
-        form = _exp_form(t, lo, hi, u_out)
+        form = _exp_form(t, lo, hi, u_out, floor)
         if body is None:
             body = form
         elif form != body:
@@ -75,7 +76,7 @@ def canonical(pw, u_out):
     if T.is_row(coef) or any(T.is_row(w) for w in cums.values()):
         raise Unproven("the decay depends on a row sum")
     if diag is not None:
-        dm, dc0, _, _ = _exp_form(diag, 0, 0, u_out, diag_only=True)
+        dm, dc0, _, _ = _exp_form(diag, 0, 0, u_out, floor, diag_only=True)
         if (dm, dc0) != (m, c0) and not (T.is_number(dm) and T.is_number(m) and T.is_number(dc0)
                                          and T.is_number(c0) and
                                          math.isclose(dm * math.exp(dc0), m * math.exp(c0), rel_tol=1e-12)):
@@ -83,7 +84,7 @@ def canonical(pw, u_out):
     return Decay(T.cmul(m, T.cexp(c0)), coef, cums)
 
 
-def _exp_form(t, lo, hi, u_out, diag_only=False):
+def _exp_form(t, lo, hi, u_out, floor, diag_only=False):
     """(m, c0, coef, cums) with t == m * exp(c0 + coef*(i - j) + sum w (C_i - C_j))."""
     if isinstance(t, T.Num):
         if not (t.x > 0 and math.isfinite(t.x)):
@@ -92,7 +93,7 @@ def _exp_form(t, lo, hi, u_out, diag_only=False):
     if isinstance(t, T.Row):  # a row factor, no decay: m_i * exp(0)
         if not t.lo > 0:
             raise Unproven("the mask is a row sum that may be <= 0 below the diagonal")
-        if t.rel > WEIGHT_TOL_ULPS * max(u_out, FLOAT32_ROUNDOFF):
+        if t.rel > WEIGHT_TOL_ULPS * max(u_out, floor):
             raise Unproven("eager rounds the row-normalised weights more than the output's precision")
         return t.r, 0, 0, {}
     if not isinstance(t, T.Exp):
@@ -101,7 +102,7 @@ def _exp_form(t, lo, hi, u_out, diag_only=False):
         raise Unproven("the decay overflows to inf in eager for the lengths proven (a growing "
                        "exponential)")
     x = t.x
-    tol = WEIGHT_TOL_ULPS * max(u_out, FLOAT32_ROUNDOFF)
+    tol = WEIGHT_TOL_ULPS * max(u_out, floor)
     if x.abs + t.rel > tol or x.rel > tol:
         raise Unproven("eager rounds the decay weights more than the output's precision (mask "
                        "arithmetic in a lower precision than the output, positions or distances "

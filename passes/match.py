@@ -132,8 +132,30 @@ def _prove(n, out_roles, p, rp, v, rv, size, writes):
         if not scores:
             raise Unproven("the attention weights are not the scores times a mask")
         decay = canonical(T.merge(mask), _unit_roundoff(n))
+        _check_operator_growth(decay, last, interp.scores[0])
     check_mutations(writes, interp.nodes - interp.opaque, interp.opaque, _operator_reads(interp, v, decay), n)
     return Match(n, out_roles, v, rv, interp, decay, facts, [check] if check else [])
+
+
+# The longest chunk of any backend (the Triton kernel's BT is 32 or 64; the CPU kernel's 32).
+_MAX_CHUNK = 64
+
+
+def _check_operator_growth(decay, last, q):
+    """A growing decay (per-step log decay g > 0) makes the operator's own intermediates,
+    the weights inside a chunk and the states across chunks, as large as exp(g d) for d up
+    to the chunk length: they must stay well inside its compute dtype (float32: exp(64),
+    leaving ~1e10 for the data; float64: exp(640)) even where eager's mask does not
+    overflow because a small constant scales it (fuzz seed 19487: exp(6 d) * 1e-30)."""
+    from .graph import val
+
+    known = T.facts().coef_range(decay.coef)
+    if known is None or known[1] <= 0:
+        return
+    limit = 640.0 if val(q).dtype == torch.float64 else 64.0
+    if known[1] * min(last, _MAX_CHUNK) >= limit:
+        raise Unproven(f"the decay grows by exp({known[1]:g}) a step: the operator's weights and states "
+                       f"would overflow its {'float64' if limit > 64 else 'float32'} arithmetic inside a chunk")
 
 
 def _unit_roundoff(n):

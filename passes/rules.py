@@ -139,7 +139,7 @@ _PEEL = (aten.detach, aten.alias, aten.clone, aten.contiguous)
 def _sum(it, n, roles):
     """A sum over the key positions j of a proven mask (or of the masked scores): a row
     statistic of (b, h, i), which the rewrite computes in O(T) (terms.RRowSum)."""
-    from .arith import unit_roundoff
+    from .arith import FLOAT32_ROUNDOFF, unit_roundoff
     from .canonical import canonical, mask_pieces
 
     if n.target != aten.sum.dim_IntList or n.kwargs.get("dtype") is not None:
@@ -166,7 +166,10 @@ def _sum(it, n, roles):
         it.nodes.add(base)
         base = base.args[0]
     mask, scores = mask_pieces(it.ev(base, r))
-    decay = canonical(T.merge(mask), unit_roundoff(val(n).dtype))
+    # A row sum of the (signed) scores may cancel, which amplifies any difference between
+    # eager's weights and the operator's: the weights must then be as exact as the sum's
+    # own dtype (no float32 floor: a float32 mask in a float64 sum is left alone).
+    decay = canonical(T.merge(mask), unit_roundoff(val(n).dtype), floor=0.0 if scores else FLOAT32_ROUNDOFF)
     lo, hi = -T.INF, T.INF
     if not scores and T.is_number(decay.m) and decay.m > 0:
         lo = decay.m  # the diagonal's term, the others are >= 0

@@ -182,6 +182,30 @@ def test_low_precision_row_sums_are_left_alone():
     assert counters["leet"]["decay_attn_rewrites"] == 0
 
 
+def test_float32_mask_in_a_float64_signed_row_sum_is_left_alone():
+    """A float32 mask times float64 scores, normalised by their signed row sum (fuzz seed
+    57625): eager's weights carry float32 rounding, which the cancelling sum amplifies
+    beyond any float64 tolerance; the mask's own rounding is fine elsewhere (float32 is
+    the operator's accumulation), not inside a signed row sum."""
+    def fn(q, k, v):
+        n = torch.arange(q.shape[-2], dtype=torch.float32)
+        d = n[:, None] - n[None, :]
+        m = torch.where(d >= 0, torch.exp(-0.1 * d.clamp(min=0)), 0.0)  # float32
+        s = (q @ k.mT) * m
+        return (s / s.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)) @ v
+
+    q, k, v = _inputs(seed=5)  # float64
+    out = _compile(fn)(q, k, v)
+    assert counters["leet"]["decay_attn_rewrites"] == 0, str(leet_compile.explain(fn, q, k, v))
+    torch.testing.assert_close(out, fn(q, k, v))
+    # the same mask unnormalised, or normalised by its own (positive) row sums, is rewritten
+    plain = lambda q, k, v: ((q @ k.mT) * torch.where(  # noqa: E731
+        (torch.arange(13.0)[:, None] - torch.arange(13.0)) >= 0,
+        torch.exp(-0.1 * (torch.arange(13.0)[:, None] - torch.arange(13.0)).clamp(min=0)), 0.0)) @ v
+    _compile(plain)(q, k, v)
+    assert counters["leet"]["decay_attn_rewrites"] == 1, str(leet_compile.explain(plain, q, k, v))
+
+
 def test_guarded_rewrite_shares_values_the_rest_of_the_model_reads():
     """torchscale's RetNetRelPos builds one position tensor for the mask and for the
     rotary angles of q and k: the fallback branch must not take it away from them."""
