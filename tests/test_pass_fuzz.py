@@ -11,6 +11,10 @@ A failing seed prints its program as source; to rerun one:
     python -c "import sys; sys.path.insert(0, 'tests'); from pass_fuzz import generate; \\
                p = generate(17); print(p.describe()); print(p.check())"
 
+A long run over fresh seeds, with progress (issue 15's found seeds 19487, 46522, 57625):
+
+    python tests/pass_fuzz.py 20000 60000
+
 The rewrite rate of the true masks (programs the generator built as exact causal decay
 masks in their dtypes, ``Program.true_mask``, less a few it does not count:
 ``Program.counts_for_rate``) is printed and held above a floor, so a coverage
