@@ -243,13 +243,15 @@ class Builder:
         if not c.scores:  # the mask alone: q = k = 1 (K = 1)
             qn = kn = self.emit(aten.new_ones.default, qn, ones_shape)
         cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
+        # The sum's dtype (the ones column's: the operator returns v's dtype). A row sum of
+        # signed scores may cancel, which amplifies its rounding; eager sums the rounded
+        # products one by one, the operator through its states: in float32 the rewrite's
+        # error against float64 was up to 7x eager's (fuzz seed 46522,
+        # tests/test_pass_fuzz.py); in float64 it is far below eager's.
+        sdt = torch.float64 if c.scores else cdt
         if c.scores:
-            # A row sum of signed scores may cancel, which amplifies its rounding; eager
-            # sums the rounded products one by one, the operator through its states: in
-            # float32 the rewrite's error against float64 was up to 7x eager's (fuzz seed
-            # 46522, tests/test_pass_fuzz.py); in float64 it is far below eager's.
-            qn, kn = self.as_float(qn, torch.float64), self.as_float(kn, torch.float64)
-        ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=val(qn).dtype)
+            qn, kn = self.as_float(qn, sdt), self.as_float(kn, sdt)
+        ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=sdt)
         qn, scale = self.scaled_q(qn, c.m)
         ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), qn)
         op = self.emit(torch.ops.leet.decay_attn.default, self.flat(qn), self.flat(kn), self.flat(ones), ld,
