@@ -182,26 +182,50 @@ def test_low_precision_row_sums_are_left_alone():
     assert counters["leet"]["decay_attn_rewrites"] == 0
 
 
+def test_row_sums_are_computed_in_float32_for_the_mask_and_float64_for_the_scores():
+    """In a bf16 model: the mask's row sums (positive terms) in float32, the operator's
+    accumulation, not in bf16; the scores' signed row sum in float64 (it may cancel)."""
+    from pass_fuzz import trace  # (pytest puts tests/ on sys.path)
+    from leet_compile.passes import rewrite_decay_attention
+
+    def fn(q, k, v, decay):
+        m = _decay_mask(q.shape[-2], decay, q.dtype)
+        m = m / m.sum(dim=-1, keepdim=True).sqrt()
+        s = (q @ k.mT) * m
+        return (s / s.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)) @ v
+
+    decay = torch.tensor([-0.1, -0.2, -0.3], dtype=torch.bfloat16)
+    gm = trace(fn, [*_inputs(dtype=torch.bfloat16), decay])
+    assert rewrite_decay_attention(gm).rewrites
+    nodes = [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]  # (in torch.cond)
+    sums = [n for n in nodes if n.target is torch.ops.leet.decay_attn.default
+            and n.args[2].meta["val"].shape[-1] == 1]  # v: a column of ones
+    dtypes = sorted(str(n.args[2].meta["val"].dtype) for n in sums)
+    assert dtypes == ["torch.float32", "torch.float64"], dtypes
+
+
 def test_float32_mask_in_a_float64_signed_row_sum_is_left_alone():
     """A float32 mask times float64 scores, normalised by their signed row sum (fuzz seed
     57625): eager's weights carry float32 rounding, which the cancelling sum amplifies
     beyond any float64 tolerance; the mask's own rounding is fine elsewhere (float32 is
     the operator's accumulation), not inside a signed row sum."""
-    def fn(q, k, v):
+    def mask(q):  # float32
         n = torch.arange(q.shape[-2], dtype=torch.float32)
         d = n[:, None] - n[None, :]
-        m = torch.where(d >= 0, torch.exp(-0.1 * d.clamp(min=0)), 0.0)  # float32
-        s = (q @ k.mT) * m
+        return torch.where(d >= 0, torch.exp(-0.1 * d.clamp(min=0)), 0.0)
+
+    def fn(q, k, v):
+        s = (q @ k.mT) * mask(q)
         return (s / s.detach().sum(dim=-1, keepdim=True).abs().clamp(min=1)) @ v
+
+    def plain(q, k, v):
+        return ((q @ k.mT) * mask(q)) @ v
 
     q, k, v = _inputs(seed=5)  # float64
     out = _compile(fn)(q, k, v)
     assert counters["leet"]["decay_attn_rewrites"] == 0, str(leet_compile.explain(fn, q, k, v))
     torch.testing.assert_close(out, fn(q, k, v))
-    # the same mask unnormalised, or normalised by its own (positive) row sums, is rewritten
-    plain = lambda q, k, v: ((q @ k.mT) * torch.where(  # noqa: E731
-        (torch.arange(13.0)[:, None] - torch.arange(13.0)) >= 0,
-        torch.exp(-0.1 * (torch.arange(13.0)[:, None] - torch.arange(13.0)).clamp(min=0)), 0.0)) @ v
+    # the same mask without the row sum is rewritten
     _compile(plain)(q, k, v)
     assert counters["leet"]["decay_attn_rewrites"] == 1, str(leet_compile.explain(plain, q, k, v))
 
