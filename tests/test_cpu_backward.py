@@ -2,8 +2,10 @@
 against float64 autograd of the recurrence, on fresh random inputs: every decay form,
 with and without initial state and grad_state, odd T, K != V, strided and half inputs,
 resets and extreme decays, NaN causality, empty shapes, gradcheck and opcheck. Every test
-runs twice: with the automatic sequence-split rule (these shapes are too short to split)
-and with the sequence forced into 3 segments (LEET_CPU_SPLIT=3, chunked_cpu_split.cpp).
+runs three times: with the automatic sequence-split rule (these shapes are too short to
+split), with the sequence forced into 3 segments (LEET_CPU_SPLIT=3, chunked_cpu_split.cpp),
+and on the kernels' baseline build instead of their AVX2 one (LEET_CPU_ISA=baseline,
+chunk_common.h; the same as the first where the CPU lacks AVX2).
 Kernel outputs are NaN-filled first (LEET_POISON_OUTPUTS), so unwritten elements show."""
 import pytest
 import torch
@@ -21,9 +23,10 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv("LEET_POISON_OUTPUTS", "1")
 
 
-@pytest.fixture(autouse=True, params=["auto", "3"], ids=["split-auto", "split-3"])
+@pytest.fixture(autouse=True, params=["auto", "3", "baseline"], ids=["split-auto", "split-3", "isa-baseline"])
 def split(request, monkeypatch):
-    monkeypatch.setenv("LEET_CPU_SPLIT", request.param)
+    monkeypatch.setenv("LEET_CPU_SPLIT", "auto" if request.param == "baseline" else request.param)
+    monkeypatch.setenv("LEET_CPU_ISA", "baseline" if request.param == "baseline" else "auto")
 
 
 def fused_grads(q, k, v, a, s0, go, gs, scale):

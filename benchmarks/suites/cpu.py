@@ -117,6 +117,14 @@ def fwd_bwd(q, k, v, log_decay, grad_o):
     leet_compile.decay_attn(q, k, v, log_decay).backward(grad_o)
 
 
+def baseline_build(fn):
+    """fn on the kernels' baseline (SSE2) build instead of their AVX2 one (LEET_CPU_ISA=baseline)."""
+    def run():
+        with environ("LEET_CPU_ISA", "baseline"):
+            return fn()
+    return run
+
+
 def upcast(fn):
     """fn with the fused kernel's bf16 units off (timed together: the env switch costs ~1 us)."""
     def run():
@@ -129,7 +137,7 @@ def upcast(fn):
        params=dict(B=1, H=8, D=64, naive_max_T=8192, gemm_N=1024, backward=True),
        smoke_params=dict(gemm_N=128), baseline="leet decay_attn")
 def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
-    """leet_compile.decay_attn (fused C++ chunked kernel) in fp32 and bf16 vs LeetDecoding's lightningAttention2 algorithm, a plain-torch chunk loop and the naive form; B=1 H=8 K=V=64, per-head decay; GFLOP/s also as % of the same dtype's GEMM rate (the faster of torch.mm and oneDNN's gemm_N^3, same run, same threads)"""
+    """leet_compile.decay_attn (fused C++ chunked kernel) in fp32 and bf16 (and fp32 on the kernels' baseline build, LEET_CPU_ISA=baseline) vs LeetDecoding's lightningAttention2 algorithm, a plain-torch chunk loop and the naive form; B=1 H=8 K=V=64, per-head decay; GFLOP/s also as % of the same dtype's GEMM rate (the faster of torch.mm and oneDNN's gemm_N^3, same run, same threads)"""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
     log_decay = -torch.rand(H, generator=g) * 0.1 - 0.01
@@ -140,6 +148,7 @@ def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
         "leet decay_attn": lambda: leet_compile.decay_attn(q, k, v, log_decay),
         "leet decay_attn bf16": lambda: leet_compile.decay_attn(qb, kb, vb, log_decay),
         "leet decay_attn bf16 (upcast)": upcast(lambda: leet_compile.decay_attn(qb, kb, vb, log_decay)),
+        "leet decay_attn (baseline build)": baseline_build(lambda: leet_compile.decay_attn(q, k, v, log_decay)),
         "leetdecoding-la2 (256)": lambda: block_loop(q, k, v, log_decay, 256),
         "torch chunk loop (64)": lambda: block_loop(q, k, v, log_decay, 64),
         "naive": (lambda: naive(q, k, v, log_decay)) if T <= naive_max_T
@@ -151,6 +160,7 @@ def cpu_fast_path(T, B, H, D, naive_max_T, gemm_N, backward):
         grad_o = torch.randn(B, H, T, D, generator=g)
         fns["leet fwd+bwd"] = lambda: fwd_bwd(q, k, v, log_decay, grad_o)
         fns["leet fwd+bwd bf16"] = lambda: fwd_bwd(qb, kb, vb, log_decay, grad_o.bfloat16())
+        fns["leet fwd+bwd (baseline build)"] = baseline_build(lambda: fwd_bwd(q, k, v, log_decay, grad_o))
     flops = {p: fwd for p in fns if p.startswith("leet decay_attn")}
     flops.update({p: 3 * fwd for p in fns if p.startswith("leet fwd+bwd")})
     (fp32, fp32_gemm), (bf16, bf16_gemm) = gemm_rate(torch.float32, gemm_N), gemm_rate(torch.bfloat16, gemm_N)

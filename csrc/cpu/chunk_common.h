@@ -1,11 +1,15 @@
 // What the fused CPU chunked kernels (chunked_cpu.cpp, chunked_cpu_lowp.cpp,
 // chunked_cpu_backward.cpp) and the sequence split (chunked_cpu_split.cpp) share: the
 // chunk length, the underflow rule of the cumulative log decay (one definition, so that
-// every kernel computes the same weights), and the small tile operations they need.
+// every kernel computes the same weights), the small tile operations they need, and the
+// choice between their AVX2 and baseline builds.
 #pragma once
+
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -15,6 +19,38 @@
 
 namespace leet::cpu {
 
+// The kernels' own per-element work (transposes, scalings, copies, conversions) is about a
+// third of their time. The extension is built for baseline x86-64 (SSE2: 4 floats a step);
+// each per-head kernel is also compiled for AVX2 + FMA (8 a step) as a LEET_AVX2 function,
+// chosen at every call by use_avx2() (measured on an AVX2-only Zen 3 VM: the forward 10%
+// faster, docs/methods.md). The helpers below are LEET_INLINE, so that each build of a
+// kernel gets its own copy, in its own instructions (a call from an AVX2 function to a
+// shared baseline helper would run baseline code).
+#define LEET_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LEET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LEET_HAS_AVX2_BUILD 1
+#else
+#define LEET_AVX2
+#define LEET_HAS_AVX2_BUILD 0
+#endif
+
+// Whether the kernels take their AVX2 build: where the CPU has AVX2, FMA and F16C, unless
+// LEET_CPU_ISA=baseline (read at every call, so that tests run both builds).
+inline bool use_avx2() {
+  const char* env = std::getenv("LEET_CPU_ISA");
+  const bool baseline = env != nullptr && std::strcmp(env, "baseline") == 0;
+  TORCH_CHECK_VALUE(env == nullptr || baseline || env[0] == '\0' || std::strcmp(env, "auto") == 0,
+                    "LEET_CPU_ISA must be \"auto\" or \"baseline\", got \"", env, "\"");
+#if LEET_HAS_AVX2_BUILD
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return cpu && !baseline;
+#else
+  return false;
+#endif
+}
+
 // Chunk length, by measurement at B=1 H=8 T=4096 K=V=64: 32 beat 16, 48, 64 and 128
 // (docs/methods.md). The backward uses the forward's, so that its weights are the same.
 constexpr int64_t kChunk = 32;
@@ -23,7 +59,7 @@ constexpr double kUnderflow = 800.0;
 
 // The per-head log decay as the kernels use it: raised to -800 if below (exp(-800 d) is
 // 0 for every d >= 1 either way, and -inf * 0 on the diagonal would be NaN).
-inline double clamped_head_decay(double a) { return a < -kUnderflow ? -kUnderflow : a; }
+LEET_INLINE double clamped_head_decay(double a) { return a < -kUnderflow ? -kUnderflow : a; }
 
 // L[i], the cumulative log decay inside a chunk of c positions. Per position (a, not
 // per_head): each entry first raised to -(800 + the chunk's positive sum) (as
@@ -31,7 +67,7 @@ inline double clamped_head_decay(double a) { return a < -kUnderflow ? -kUnderflo
 // way, but -inf and -1e20 stop destroying the differences (inf - inf, or small decays
 // lost after -1e20). NaN stays NaN. Per head (or no decay), ah already clamped:
 // L_i = ah (i + 1).
-inline void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c, double* L) {
+LEET_INLINE void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c, double* L) {
   if (a && !per_head) {
     double positive = 0;
     for (int64_t i = 0; i < c; ++i) positive += a[i] > 0 ? a[i] : 0.0;
@@ -50,7 +86,7 @@ inline void chunk_log_decay(const double* a, bool per_head, double ah, int64_t c
 // of the exponent bits, which the compiler vectorizes (std::isfinite with an early exit
 // it does not).
 template <typename T>
-inline bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+LEET_INLINE bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
   U bad = 0;
@@ -68,7 +104,7 @@ inline bool all_finite(const T* p, int64_t ld, int64_t rows, int64_t cols) {
 
 // The bits of f rounded to bf16 (nearest even, NaN kept as a quiet NaN), in integer
 // operations the compiler vectorizes (c10's conversion does not).
-inline uint16_t bf16_bits(float f) {
+LEET_INLINE uint16_t bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -79,7 +115,7 @@ inline uint16_t bf16_bits(float f) {
 // __builtin_prefetch's: 2 for L2, 3 for L1 too): the next chunk's inputs while this one
 // computes (their first reads otherwise stall).
 template <int Locality = 2, typename T>
-inline void prefetch_tile(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+LEET_INLINE void prefetch_tile(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
   for (int64_t r = 0; r < rows; ++r) {
     const char* row = reinterpret_cast<const char*>(p + r * ld);
@@ -90,7 +126,7 @@ inline void prefetch_tile(const T* p, int64_t ld, int64_t rows, int64_t cols) {
 // dst[x * ldd + r] = src[r * lds + x] for r < rows, x < cols. In 4 x 4 blocks with SSE for
 // float (scalar stores of a transpose were a third of the kernels' non-GEMM time).
 template <typename T>
-inline void transpose(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
+LEET_INLINE void transpose(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t rows, int64_t cols) {
   int64_t r0 = 0;
 #if defined(__SSE__)
   if constexpr (std::is_same_v<T, float>) {

@@ -6,7 +6,8 @@
 // Inputs are read in place when their last dim is contiguous (permuted views of a
 // fused qkv projection included); anything else is copied once. bf16 / fp16 inputs
 // (where chunked_cpu_lowp.cpp does not take them) are converted to float32 a chunk at a
-// time and the output back, with no full-size float32 copies.
+// time and the output back, with no full-size float32 copies. The chunk loop is built
+// twice, for AVX2 and for baseline x86-64, and picked per call (chunk_common.h).
 #include "../backends.h"
 #include "chunk_common.h"
 #include "small_gemm.h"
@@ -72,7 +73,7 @@ struct Scratch {
 };
 
 // bf16 <-> float32 a chunk at a time: a shift; rounding to nearest even, NaN kept.
-inline void load_tile(float* dst, const at::BFloat16* src, int64_t ld, int64_t rows, int64_t cols) {
+LEET_INLINE void load_tile(float* dst, const at::BFloat16* src, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* row = reinterpret_cast<const uint16_t*>(src + r * ld);
     uint32_t* out = reinterpret_cast<uint32_t*>(dst + r * cols);
@@ -114,16 +115,17 @@ LEET_F16C void store_tile(at::Half* dst, const float* src, int64_t n) {
   for (; x < n; ++x) dst[x] = at::Half(src[x]);
 }
 
-inline void store_tile(at::BFloat16* dst, const float* src, int64_t n) {
+LEET_INLINE void store_tile(at::BFloat16* dst, const float* src, int64_t n) {
   uint16_t* out = reinterpret_cast<uint16_t*>(dst);
   for (int64_t x = 0; x < n; ++x) out[x] = cpu::bf16_bits(src[x]);
 }
 
 // The chunk loop of one head. Per chunk of c <= C positions, four small products on
 // cache-resident tiles (Q K^T, (A * D) V, Q S, K^T V); the state never leaves the thread.
+// (Built twice: forward_head below.)
 template <typename T, typename In>
-void forward_head(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int64_t C, double scale_d,
-                  Scratch<T>& w) {
+LEET_INLINE void forward_head_body(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int64_t C,
+                                   double scale_d, Scratch<T>& w) {
   constexpr bool convert = !std::is_same_v<T, In>;
   const bool per_position = p.a != nullptr;
   T* S = p.state;
@@ -231,12 +233,26 @@ void forward_head(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int
 }
 
 template <typename T, typename In>
+LEET_AVX2 void forward_head_avx2(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int64_t C,
+                                 double scale_d, Scratch<T>& w) {
+  forward_head_body(p, T_len, K, V, C, scale_d, w);
+}
+
+template <typename T, typename In>
+void forward_head(const Head<T, In>& p, int64_t T_len, int64_t K, int64_t V, int64_t C, double scale_d,
+                  Scratch<T>& w, bool avx2) {
+  if (avx2) forward_head_avx2(p, T_len, K, V, C, scale_d, w);
+  else forward_head_body(p, T_len, K, V, C, scale_d, w);
+}
+
+template <typename T, typename In>
 void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& log_decay,
                     const Tensor& s0, double scale_d, Tensor& out, Tensor& state, bool final_state) {
   const int64_t B = q.size(0), H = q.size(1), T_len = q.size(2), K = q.size(3), V = v.size(3);
   const int64_t C = std::min(kChunk, T_len);
   const double* a = log_decay.defined() ? log_decay.data_ptr<double>() : nullptr;
   const bool per_head = log_decay.defined() && log_decay.dim() == 1;
+  const bool avx2 = cpu::use_avx2();
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(C, K, V, !std::is_same_v<T, In>);
@@ -253,7 +269,7 @@ void chunked_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
       p.out = out.data_ptr<In>() + bh * T_len * V;
       p.state = state.data_ptr<T>() + bh * K * V;
       p.final_state = final_state;
-      forward_head<T, In>(p, T_len, K, V, C, scale_d, scratch);
+      forward_head<T, In>(p, T_len, K, V, C, scale_d, scratch, avx2);
     }
     cpu::release_thread_gemm();
   });
