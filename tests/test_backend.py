@@ -150,7 +150,7 @@ def test_retnet_lm_example_quick():
     assert counters["leet"]["decay_attn_rewrites"] == 2  # one per layer
 
 
-def test_entry_point_without_importing_leet_compile():
+def test_entry_point_without_importing_leet_compile(tmp_path):
     script = (
         "import torch, sys\n"
         "T = 16\n"
@@ -164,5 +164,7 @@ def test_entry_point_without_importing_leet_compile():
         "torch.testing.assert_close(out, f(q, q, q))\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/tmp", timeout=300)
+    # In an empty folder: `python -c` imports from its working directory first (in /tmp, a
+    # stray folder named z3 once shadowed the z3 that torch's validator imports).
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.stdout.strip().endswith("ok"), r.stderr[-2000:]
