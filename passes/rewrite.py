@@ -243,22 +243,30 @@ class Builder:
         if not c.scores:  # the mask alone: q = k = 1 (K = 1)
             qn = kn = self.emit(aten.new_ones.default, qn, ones_shape)
         cdt = torch.float64 if val(qn).dtype == torch.float64 else torch.float32
-        # The sum's dtype (the ones column's: the operator returns v's dtype). A row sum of
-        # signed scores may cancel, which amplifies its rounding; eager sums the rounded
-        # products one by one, the operator through its states: in float32 the rewrite's
-        # error against float64 was up to 7x eager's (fuzz seed 46522,
-        # tests/test_pass_fuzz.py); in float64 it is far below eager's.
-        sdt = torch.float64 if c.scores else cdt
-        if c.scores:
-            qn, kn = self.as_float(qn, sdt), self.as_float(kn, sdt)
+        # The sum is computed in float64 (a float64 ones column: the operator computes in
+        # float64 when any input is), then rounded to cdt. A row sum of signed scores may
+        # cancel, which amplifies its rounding; eager sums the rounded products one by one,
+        # the operator through its states: in float32 the rewrite's error against float64
+        # was up to 7x eager's (fuzz seed 46522, tests/test_pass_fuzz.py); in float64 it is
+        # far below eager's. On CPU the operator reads q and k as they are (no float64
+        # copies) in its O(T K) recurrent kernel (csrc/cpu/recurrent_cpu.cpp), faster than
+        # the float32 chunked kernel on these V = 1 sums.
+        sdt = torch.float64
         ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=sdt)
-        qn, scale = self.scaled_q(qn, c.m)
-        ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), qn)
+        ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), ones)  # in sdt, as the sum
         op = self.emit(torch.ops.leet.decay_attn.default, self.flat(qn), self.flat(kn), self.flat(ones), ld,
-                       float(scale), None, False, "auto", "auto")
-        s = self.as_float(self.emit(aten.squeeze.dim, self.emit(operator.getitem, op, 0), -1), cdt)
+                       float(c.m) if T.is_number(c.m) else 1.0, None, False, "auto", "auto")
+        s = self.emit(aten.squeeze.dim, self.emit(operator.getitem, op, 0), -1)
         if self.extra:
             s = self.emit(aten.unflatten.int, s, 0, [self.size_of(r) for r in bw[:-1]])
+        if not T.is_number(c.m):
+            # A per-head or per-row factor m scales the sum (sum_j m_i s_ij = m_i sum_j s_ij):
+            # applied to it in sdt, not folded into q (a float64 copy of q, and q and k in
+            # two dtypes, which the recurrent kernel does not take).
+            m = self.coef(c.m, bw + ["t"]) if T.is_row(c.m) else self.emit(aten.unsqueeze.default,
+                                                                            self.coef(c.m, bw), -1)
+            s = self.emit(aten.mul.Tensor, s, m)
+        s = self.as_float(s, cdt)
         self.row_sums[key] = self.materialize(s, bw + ["t"], want)
         return self.row_sums[key]
 

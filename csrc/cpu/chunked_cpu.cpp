@@ -317,12 +317,16 @@ std::tuple<Tensor, Tensor> decay_attn_chunked_cpu(
 namespace {
 
 // The "cpu" row of the backend table (csrc/backends.cpp): the fused kernel, methods
-// auto and chunked. Empty problems go to ATen (which gets their shapes right).
+// auto and chunked; auto takes the recurrent kernel for narrow values in float64
+// (recurrent_cpu.cpp). Empty problems go to ATen (which gets their shapes right).
 std::tuple<Tensor, Tensor> decay_attn_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& log_decay, double scale,
-    const std::optional<Tensor>& initial_state, bool output_final_state, const std::string& /*method*/) {
+    const std::optional<Tensor>& initial_state, bool output_final_state, const std::string& method) {
   if (q.numel() == 0 || v.numel() == 0) {
     return decay_attn_aten(q, k, v, log_decay, scale, initial_state, output_final_state, "chunked");
+  }
+  if (method == "auto" && recurrent_cpu_applies(q, k, v)) {
+    return decay_attn_recurrent_cpu(q, k, v, log_decay, scale, initial_state, output_final_state);
   }
   return decay_attn_chunked_cpu(q, k, v, log_decay, scale, initial_state, output_final_state);
 }
