@@ -177,11 +177,14 @@ class Builder:
         or per query row: a row sum) is folded into q."""
         if T.is_number(m):
             return qn, m
+        return self.emit(aten.mul.Tensor, qn, self.emit(aten.unsqueeze.default, self.row_factor(m), -1)), 1.0
+
+    def row_factor(self, m):
+        """A per-row or per-head coefficient m laid out as batch + [t] (size 1 along t
+        for a per-head one)."""
         if T.is_row(m):
-            f = self.emit(aten.unsqueeze.default, self.coef(m, self.batch + ["t"]), -1)
-        else:
-            f = self.emit(aten.unsqueeze.default, self.emit(aten.unsqueeze.default, self.coef(m, self.batch), -1), -1)
-        return self.emit(aten.mul.Tensor, qn, f), 1.0
+            return self.coef(m, self.batch + ["t"])
+        return self.emit(aten.unsqueeze.default, self.coef(m, self.batch), -1)
 
     def flat(self, x):
         """An operand laid out as batch + [t, ...] with the extra batch dims (b, b1, ...)
@@ -251,9 +254,8 @@ class Builder:
         # far below eager's. On CPU the operator reads q and k as they are (no float64
         # copies) in its O(T K) recurrent kernel (csrc/cpu/recurrent_cpu.cpp), faster than
         # the float32 chunked kernel on these V = 1 sums.
-        sdt = torch.float64
-        ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=sdt)
-        ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), ones)  # in sdt, as the sum
+        ones = self.emit(aten.new_ones.default, qn, ones_shape, dtype=torch.float64)
+        ld = self.log_decay(Decay(1, c.coef, dict(c.cums)), ones)  # in float64, as the sum
         op = self.emit(torch.ops.leet.decay_attn.default, self.flat(qn), self.flat(kn), self.flat(ones), ld,
                        float(c.m) if T.is_number(c.m) else 1.0, None, False, "auto", "auto")
         s = self.emit(aten.squeeze.dim, self.emit(operator.getitem, op, 0), -1)
@@ -261,11 +263,9 @@ class Builder:
             s = self.emit(aten.unflatten.int, s, 0, [self.size_of(r) for r in bw[:-1]])
         if not T.is_number(c.m):
             # A per-head or per-row factor m scales the sum (sum_j m_i s_ij = m_i sum_j s_ij):
-            # applied to it in sdt, not folded into q (a float64 copy of q, and q and k in
+            # applied to it in float64, not folded into q (a float64 copy of q, and q and k in
             # two dtypes, which the recurrent kernel does not take).
-            m = self.coef(c.m, bw + ["t"]) if T.is_row(c.m) else self.emit(aten.unsqueeze.default,
-                                                                            self.coef(c.m, bw), -1)
-            s = self.emit(aten.mul.Tensor, s, m)
+            s = self.emit(aten.mul.Tensor, s, self.row_factor(c.m))
         s = self.as_float(s, cdt)
         self.row_sums[key] = self.materialize(s, bw + ["t"], want)
         return self.row_sums[key]
